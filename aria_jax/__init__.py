@@ -1,0 +1,7 @@
+"""aria-jax: Aria (rhymes-ai/Aria), the multimodal mixture-of-experts model, in JAX/Flax."""
+
+from aria_jax.api import Aria
+from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig
+
+__all__ = ["Aria", "AriaConfig", "AriaTextConfig", "AriaVisionConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""Shared building blocks: parameters with logical axes, norms, linear layers, attention softmax."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = jax.nn.initializers.Initializer
+normal = nn.initializers.normal(stddev=0.02)
+
+
+def param(
+    module: nn.Module,
+    name: str,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: jnp.dtype,
+    init: Initializer = normal,
+) -> jax.Array:
+    """A parameter annotated with logical axis names (one per dimension) for the sharding rules."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)``; the kernel is [in, out] (a transposed torch ``nn.Linear`` weight)."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = param(self, "kernel", (x.shape[-1], self.features), self.axes, self.dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel)
+        if self.use_bias:
+            y = y + param(self, "bias", (self.features,), self.axes[1:], self.dtype, nn.initializers.zeros)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm as transformers computes it: normalise in float32, cast back, then scale (no 1 + w)."""
+
+    eps: float
+    axis_name: str = "embed"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param(self, "scale", (x.shape[-1],), (self.axis_name,), self.dtype, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * y.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch ``nn.LayerNorm``: float32 statistics with the two-pass variance, affine in the input dtype."""
+
+    eps: float
+    axis_name: str = "vision_embed"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = param(self, "scale", (d,), (self.axis_name,), self.dtype, nn.initializers.ones)
+        bias = param(self, "bias", (d,), (self.axis_name,), self.dtype, nn.initializers.zeros)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
+    """Softmax in float32 over the last axis; masked-out entries get the dtype minimum, as transformers' eager path."""
+    scores = scores.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(out_dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)

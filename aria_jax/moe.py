@@ -1,0 +1,101 @@
+"""Aria's mixture of experts: top-k router, dropless routed experts, shared experts (aria-spec.md §4.3).
+
+The routed experts have interchangeable backends selected by name:
+- ``"ragged"``: sort the (token, slot) pairs by expert and run a grouped matmul with ``jax.lax.ragged_dot``;
+- ``"dense"``: every expert on every token, combined with the routing weights; a simple reference for tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aria_jax.config import AriaTextConfig
+from aria_jax.layers import Linear, param
+
+MOE_BACKENDS = ("ragged", "dense")
+
+
+def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k on the raw router logits, then softmax over the k selected logits only.
+
+    Returns (logits (T, E), weights (T, k), expert ids (T, k)).
+    """
+    logits = jnp.einsum("td,de->te", x, router_kernel)
+    top_logits, top_ids = jax.lax.top_k(logits, top_k)
+    return logits, jax.nn.softmax(top_logits, axis=-1), top_ids
+
+
+def _swiglu(h: jax.Array) -> jax.Array:
+    gate, up = jnp.split(h, 2, axis=-1)  # first half is the SiLU gate in every Aria version
+    return jax.nn.silu(gate) * up
+
+
+def experts_ragged(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array
+) -> jax.Array:
+    """Dropless routed experts: sort (token, slot) pairs by expert, grouped matmul, unsort, weighted sum over k."""
+    t, k = ids.shape
+    num_experts = gate_up.shape[0]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)
+    h = jax.lax.ragged_dot(xs, gate_up, group_sizes)
+    ys = jax.lax.ragged_dot(_swiglu(h), down, group_sizes)
+    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+
+
+def experts_dense(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array
+) -> jax.Array:
+    """Reference: run every expert on every token and keep each token's k outputs (E times the work)."""
+    h = jnp.einsum("td,edf->tef", x, gate_up)
+    y = jnp.einsum("tef,efd->ted", _swiglu(h), down)
+    y = jnp.take_along_axis(y, ids[:, :, None], axis=1)  # (T, k, D)
+    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+
+
+EXPERT_BACKENDS: dict[str, Callable[..., jax.Array]] = {"ragged": experts_ragged, "dense": experts_dense}
+
+
+class SharedExperts(nn.Module):
+    """The ``moe_num_shared_experts`` shared experts, folded into one SwiGLU MLP of width I * n_shared."""
+
+    config: AriaTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        f, d = self.config.shared_intermediate_size, self.config.hidden_size
+        gate = Linear(f, ("embed", "mlp"), False, self.dtype, name="gate_proj")(x)
+        up = Linear(f, ("embed", "mlp"), False, self.dtype, name="up_proj")(x)
+        return Linear(d, ("mlp", "embed"), False, self.dtype, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """(B, T, D) -> (B, T, D): routed experts + shared experts, no capacity limit and no dropped tokens."""
+
+    config: AriaTextConfig
+    backend: str = "ragged"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns the layer output and the router logits (B*T, E) for the auxiliary losses."""
+        cfg = self.config
+        if self.backend not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown MoE backend '{self.backend}'; choose one of {', '.join(EXPERT_BACKENDS)}")
+        e, d, f = cfg.moe_num_experts, cfg.hidden_size, cfg.intermediate_size
+        router = param(self, "router_kernel", (d, e), ("embed", "expert_router"), self.dtype)
+        gate_up = param(self, "gate_up", (e, d, 2 * f), ("expert", "expert_embed", "expert_mlp"), self.dtype)
+        down = param(self, "down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), self.dtype)
+        tokens = x.reshape(-1, d)
+        logits, weights, ids = route(tokens, router, cfg.moe_topk)
+        routed = EXPERT_BACKENDS[self.backend](tokens, weights, ids, gate_up, down).reshape(x.shape)
+        shared = SharedExperts(cfg, self.dtype, name="shared_experts")(x)
+        return routed + shared, logits

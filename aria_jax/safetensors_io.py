@@ -1,0 +1,141 @@
+"""A small safetensors reader on numpy memory maps: bfloat16 included, one tensor at a time, strict checks.
+
+The ``safetensors`` package's numpy backend cannot return bfloat16, and its errors do not always name the file;
+this reader validates the header against the file size and names the file and tensor in every error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor that cannot be used; the message names the file and tensor."""
+
+
+class SafetensorsFile:
+    """Lazy view of one ``.safetensors`` file: ``keys()``, ``shape(k)``, ``dtype(k)``, ``get(k)`` (a memmap)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(MAX_HEADER_BYTES, size - 8):
+                    raise CheckpointError(f"{self.path}: corrupt safetensors header (length {header_len})")
+                raw = f.read(header_len)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not an object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        data_size = size - self._data_start
+        for key, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupt header entry for tensor '{key}'") from None
+            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if end - begin != expected or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor '{key}' has {end - begin} bytes for shape {shape}")
+            if end > data_size:
+                raise CheckpointError(
+                    f"{self.path}: truncated file: tensor '{key}' ends at byte {end} of {data_size} data bytes"
+                )
+            self._entries[key] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._entries[key][0]
+
+    def nbytes(self, key: str) -> int:
+        _, _, begin, end = self._entries[key]
+        return end - begin
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor as a read-only memory map (no copy until it is used)."""
+        dtype, shape, begin, end = self._entries[key]
+        if end == begin:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+
+
+def open_checkpoint(directory: str | os.PathLike) -> dict[str, SafetensorsFile]:
+    """Map every tensor name of an HF safetensors directory (single file or sharded with an index) to its file."""
+    directory = os.fspath(directory)
+    index_file = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index_file):
+        try:
+            with open(index_file, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_file}: not a valid safetensors index (no weight_map)") from None
+        files: dict[str, SafetensorsFile] = {}
+        tensors: dict[str, SafetensorsFile] = {}
+        for key, name in weight_map.items():
+            path = os.path.join(directory, name)
+            if name not in files:
+                if not os.path.isfile(path):
+                    raise CheckpointError(f"{path}: shard listed in {index_file} is missing")
+                files[name] = SafetensorsFile(path)
+            if key not in files[name]._entries:
+                raise CheckpointError(f"{path}: tensor '{key}' listed in the index is not in this shard")
+            tensors[key] = files[name]
+        return tensors
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors")) if os.path.isdir(directory) else []
+    if not names:
+        pickles = [n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(directory) else []
+        hint = f" (found {pickles[0]}: pickled checkpoints are not loaded; convert to safetensors)" if pickles else ""
+        raise CheckpointError(f"{directory}: no .safetensors files{hint}")
+    tensors = {}
+    for name in names:
+        shard = SafetensorsFile(os.path.join(directory, name))
+        for key in shard.keys():
+            if key in tensors:
+                raise CheckpointError(f"{shard.path}: tensor '{key}' also appears in {tensors[key].path}")
+            tensors[key] = shard
+    return tensors
+
+
+def iter_tensors(tensors: dict[str, SafetensorsFile]) -> Iterator[tuple[str, SafetensorsFile]]:
+    """Tensors grouped by file and in file order, so reads stream through each shard once."""
+    yield from sorted(tensors.items(), key=lambda kv: (kv[1].path, kv[1]._entries[kv[0]][2]))

@@ -1,0 +1,121 @@
+"""Aria's text decoder: Llama-style attention (RoPE, GQA/MHA) with an MoE feed-forward on every layer."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aria_jax.config import AriaTextConfig
+from aria_jax.layers import Linear, RMSNorm, masked_softmax, param
+from aria_jax.moe import MoE
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin (B, T, head_dim) computed in float32, then cast to the activation dtype as transformers does."""
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (jnp.float32(theta) ** exponent)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Non-interleaved rotary embedding on (B, T, N, H): ``x*cos + rotate_half(x)*sin``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def causal_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, offset: int = 0) -> jax.Array:
+    """(B, 1, Tq, Tk) boolean: causal (query i at absolute position offset+i) and not a padded key."""
+    q_pos = offset + jnp.arange(q_len)
+    causal = q_pos[:, None] >= jnp.arange(kv_len)[None, :]
+    mask = jnp.broadcast_to(causal, (batch, q_len, kv_len))
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, :kv_len].astype(bool)
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    config: AriaTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        wq = param(self, "q_kernel", (d, nh, hd), ("embed", "q_heads", "head_dim"), self.dtype)
+        wk = param(self, "k_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
+        wv = param(self, "v_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
+        wo = param(self, "o_kernel", (nh, hd, d), ("q_heads", "head_dim", "embed"), self.dtype)
+        q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq), cos, sin)
+        k = apply_rope(jnp.einsum("btd,dkh->btkh", x, wk), cos, sin)
+        v = jnp.einsum("btd,dkh->btkh", x, wv)
+        b, t = x.shape[:2]
+        # Query head n uses kv head n // (nh / nkv), as transformers' repeat_kv.
+        q = q.reshape(b, t, nkv, nh // nkv, hd)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (hd**-0.5)
+        probs = masked_softmax(scores, mask[:, :, None], x.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, nh, hd)
+        return jnp.einsum("btnh,nhd->btd", out, wo)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x += attn(norm(x)); x += moe(norm(x))``. Scanned over layers; router logits stack."""
+
+    config: AriaTextConfig
+    moe_backend: str = "ragged"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="input_layernorm")(x)
+        x = x + Attention(cfg, self.dtype, name="self_attn")(h, cos, sin, mask)
+        h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x)
+        out, router_logits = MoE(cfg, self.moe_backend, self.dtype, name="mlp")(h)
+        return x + out, router_logits
+
+
+class TextDecoder(nn.Module):
+    """Embedded inputs (B, T, D) -> logits (B, T, V) and per-layer router logits (L, B*T, E)."""
+
+    config: AriaTextConfig
+    moe_backend: str = "ragged"
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size),
+            self.dtype,
+        )
+        layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, self.moe_backend, self.dtype)
+        self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype)
+        self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, self.dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens, input_ids, axis=0)
+
+    def __call__(
+        self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        b, t, _ = embeds.shape
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, embeds.dtype)
+        mask = causal_mask(attention_mask, b, t, t)
+        x, router_logits = self.layers(embeds, cos, sin, mask)
+        return self.lm_head(self.norm(x)), router_logits
+
