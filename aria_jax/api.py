@@ -20,7 +20,7 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
 
 
 def resolve_dtype(dtype, cfg: AriaConfig | None = None) -> jnp.dtype:
-    """"bfloat16" / "float32" / a numpy or jnp dtype / None (the checkpoint's own dtype, else float32)."""
+    """ "bfloat16" / "float32" / a numpy or jnp dtype / None (the checkpoint's own dtype, else float32)."""
     if dtype is None:
         dtype = (cfg.dtype if cfg is not None else None) or "float32"
     try:

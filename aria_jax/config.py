@@ -339,7 +339,9 @@ def _vision_from_dict(vc: dict) -> AriaVisionConfig:
     s = "vision_config"
     model_type = vc.get("model_type", "idefics3_vision")
     if model_type not in VISION_MODEL_TYPES:
-        raise ConfigError(f"{s}.model_type '{model_type}' is not a supported vision tower ({', '.join(VISION_MODEL_TYPES)})")
+        raise ConfigError(
+            f"{s}.model_type '{model_type}' is not a supported vision tower ({', '.join(VISION_MODEL_TYPES)})"
+        )
     act = vc.get("hidden_act", "gelu_pytorch_tanh")
     if act not in ("gelu_pytorch_tanh", "gelu_new"):
         raise ConfigError(f"{s}.hidden_act '{act}' is not supported (Aria's vision tower uses 'gelu_pytorch_tanh')")
@@ -367,12 +369,25 @@ PRESETS: dict[str, AriaConfig] = {
     # A few-kB model with every structural feature (GQA, 2 query counts, top-2 of 4 experts) for tests and demos.
     "tiny": AriaConfig(
         text=AriaTextConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512,
-            moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            max_position_embeddings=512,
+            moe_num_experts=4,
+            moe_topk=2,
+            moe_num_shared_experts=1,
         ),
         vision=AriaVisionConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
             patch_size=14,
         ),
         projector_patch_to_query=((4, 2), (16, 4)),

@@ -84,5 +84,16 @@ def masked_softmax(scores: jax.Array, mask: jax.Array | None, out_dtype: jnp.dty
     return jax.nn.softmax(scores, axis=-1).astype(out_dtype)
 
 
+# torch evaluates these in float32 and rounds once to the input dtype; so do we (it matters in bfloat16).
+
+
+def softmax(x: jax.Array) -> jax.Array:
+    return jax.nn.softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
+
+
+def silu(x: jax.Array) -> jax.Array:
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.layers import Linear, param
+from aria_jax.layers import Linear, param, silu, softmax
 
 MOE_BACKENDS = ("ragged", "dense")
 
@@ -26,17 +26,15 @@ def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array
     """
     logits = jnp.einsum("td,de->te", x, router_kernel)
     top_logits, top_ids = jax.lax.top_k(logits, top_k)
-    return logits, jax.nn.softmax(top_logits, axis=-1), top_ids
+    return logits, softmax(top_logits), top_ids
 
 
 def _swiglu(h: jax.Array) -> jax.Array:
     gate, up = jnp.split(h, 2, axis=-1)  # first half is the SiLU gate in every Aria version
-    return jax.nn.silu(gate) * up
+    return silu(gate) * up
 
 
-def experts_ragged(
-    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array
-) -> jax.Array:
+def experts_ragged(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
     """Dropless routed experts: sort (token, slot) pairs by expert, grouped matmul, unsort, weighted sum over k."""
     t, k = ids.shape
     num_experts = gate_up.shape[0]
@@ -50,9 +48,7 @@ def experts_ragged(
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
-def experts_dense(
-    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array
-) -> jax.Array:
+def experts_dense(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
     """Reference: run every expert on every token and keep each token's k outputs (E times the work)."""
     h = jnp.einsum("td,edf->tef", x, gate_up)
     y = jnp.einsum("tef,efd->ted", _swiglu(h), down)
@@ -74,7 +70,7 @@ class SharedExperts(nn.Module):
         f, d = self.config.shared_intermediate_size, self.config.hidden_size
         gate = Linear(f, ("embed", "mlp"), False, self.dtype, name="gate_proj")(x)
         up = Linear(f, ("embed", "mlp"), False, self.dtype, name="up_proj")(x)
-        return Linear(d, ("mlp", "embed"), False, self.dtype, name="down_proj")(jax.nn.silu(gate) * up)
+        return Linear(d, ("mlp", "embed"), False, self.dtype, name="down_proj")(silu(gate) * up)
 
 
 class MoE(nn.Module):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaConfig
-from aria_jax.layers import LayerNorm, Linear, gelu_tanh, param
+from aria_jax.layers import LayerNorm, Linear, gelu_tanh, param, softmax
 
 PROJECTOR_LN_EPS = 1e-5  # torch nn.LayerNorm's default, not the vision tower's 1e-6
 
@@ -28,14 +28,25 @@ class CrossAttention(nn.Module):
         nh = self.config.vision.num_attention_heads
         hd = d // nh
         axes = ("vision_embed", "vision_embed_out")
-        q = Linear(d, axes, False, self.dtype, name="q_proj")(LayerNorm(PROJECTOR_LN_EPS, dtype=self.dtype, name="layer_norm")(queries))
+        q = Linear(d, axes, False, self.dtype, name="q_proj")(
+            LayerNorm(PROJECTOR_LN_EPS, dtype=self.dtype, name="layer_norm")(queries)
+        )
         kv = LayerNorm(PROJECTOR_LN_EPS, dtype=self.dtype, name="layer_norm_kv")(features)
         k = Linear(d, axes, False, self.dtype, name="k_proj")(kv)
         v = Linear(d, axes, False, self.dtype, name="v_proj")(kv)
 
         def in_proj(name: str, x: jax.Array) -> jax.Array:
-            w = param(self, f"in_{name}_kernel", (d, nh, hd), ("vision_embed", "vision_heads", "vision_head_dim"), self.dtype)
-            b = param(self, f"in_{name}_bias", (nh, hd), ("vision_heads", "vision_head_dim"), self.dtype, nn.initializers.zeros)
+            w = param(
+                self, f"in_{name}_kernel", (d, nh, hd), ("vision_embed", "vision_heads", "vision_head_dim"), self.dtype
+            )
+            b = param(
+                self,
+                f"in_{name}_bias",
+                (nh, hd),
+                ("vision_heads", "vision_head_dim"),
+                self.dtype,
+                nn.initializers.zeros,
+            )
             return jnp.einsum("bsd,dnh->bsnh", x, w) + b
 
         q2 = in_proj("q", q) * jnp.asarray(hd**-0.5, self.dtype)
@@ -43,7 +54,7 @@ class CrossAttention(nn.Module):
         scores = jnp.einsum("bqnh,bknh->bnqk", q2, k2)
         if key_mask is not None:
             scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = softmax(scores)
         out = jnp.einsum("bnqk,bknh->bqnh", probs, v2)
         wo = param(self, "out_kernel", (nh, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype)
         bo = param(self, "out_bias", (d,), ("vision_embed",), self.dtype, nn.initializers.zeros)

@@ -123,7 +123,11 @@ def open_checkpoint(directory: str | os.PathLike) -> dict[str, SafetensorsFile]:
         return tensors
     names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors")) if os.path.isdir(directory) else []
     if not names:
-        pickles = [n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(directory) else []
+        pickles = (
+            [n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth"))]
+            if os.path.isdir(directory)
+            else []
+        )
         hint = f" (found {pickles[0]}: pickled checkpoints are not loaded; convert to safetensors)" if pickles else ""
         raise CheckpointError(f"{directory}: no .safetensors files{hint}")
     tensors = {}

@@ -118,4 +118,3 @@ class TextDecoder(nn.Module):
         mask = causal_mask(attention_mask, b, t, t)
         x, router_logits = self.layers(embeds, cos, sin, mask)
         return self.lm_head(self.norm(x)), router_logits
-

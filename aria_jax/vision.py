@@ -63,7 +63,10 @@ class VisionEmbeddings(nn.Module):
         kernel = param(self, "patch_kernel", (c * p * p, cfg.hidden_size), ("vision_patch", "vision_embed"), self.dtype)
         bias = param(self, "patch_bias", (cfg.hidden_size,), ("vision_embed",), self.dtype, nn.initializers.zeros)
         table = param(
-            self, "position_embedding", (cfg.patches_per_side**2, cfg.hidden_size), ("vision_pos", "vision_embed"),
+            self,
+            "position_embedding",
+            (cfg.patches_per_side**2, cfg.hidden_size),
+            ("vision_pos", "vision_embed"),
             self.dtype,
         )
         x = jnp.einsum("npk,kd->npd", patches, kernel) + bias
@@ -80,8 +83,12 @@ class VisionAttention(nn.Module):
         nh, hd, d = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
 
         def proj(name: str) -> jax.Array:
-            w = param(self, f"{name}_kernel", (d, nh, hd), ("vision_embed", "vision_heads", "vision_head_dim"), self.dtype)
-            b = param(self, f"{name}_bias", (nh, hd), ("vision_heads", "vision_head_dim"), self.dtype, nn.initializers.zeros)
+            w = param(
+                self, f"{name}_kernel", (d, nh, hd), ("vision_embed", "vision_heads", "vision_head_dim"), self.dtype
+            )
+            b = param(
+                self, f"{name}_bias", (nh, hd), ("vision_heads", "vision_head_dim"), self.dtype, nn.initializers.zeros
+            )
             return jnp.einsum("bpd,dnh->bpnh", x, w) + b
 
         q, k, v = proj("q"), proj("k"), proj("v")

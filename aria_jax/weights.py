@@ -113,16 +113,19 @@ def tensor_specs(cfg: AriaConfig) -> dict[str, Spec]:
     dv, nhv, hdv, fv = v.hidden_size, v.num_attention_heads, v.head_dim, v.intermediate_size
     emb = ("vision_tower", "embeddings")
     vt = "vision_tower.embeddings."
-    add(vt + "patch_embedding.weight", (dv, v.num_channels, v.patch_size, v.patch_size), (emb + ("patch_kernel",), None, _patch))
+    add(
+        vt + "patch_embedding.weight",
+        (dv, v.num_channels, v.patch_size, v.patch_size),
+        (emb + ("patch_kernel",), None, _patch),
+    )
     add(vt + "patch_embedding.bias", (dv,), (emb + ("patch_bias",), None, _ident))
     add(vt + "position_embedding.weight", (v.patches_per_side**2, dv), (emb + ("position_embedding",), None, _ident))
     for i in range(v.num_hidden_layers):
         pre = f"vision_tower.encoder.layers.{i}."
         used = i < cfg.vision_layers_used  # layers past vision_feature_layer are read and dropped
-        lay = ("vision_tower", "layers")
 
         def vadd(key, shape, path, fn, _pre=pre, _i=i, _used=used):
-            add(_pre + key, shape, *([(lay + path, _i, fn)] if _used else []))
+            add(_pre + key, shape, *([(("vision_tower", "layers") + path, _i, fn)] if _used else []))
 
         for name in ("q", "k", "v"):
             vadd(f"self_attn.{name}_proj.weight", (dv, dv), ("self_attn", f"{name}_kernel"), _heads_in(nhv, hdv))
@@ -144,22 +147,30 @@ def tensor_specs(cfg: AriaConfig) -> dict[str, Spec]:
     for name in ("q_proj", "k_proj", "v_proj"):
         add(mp + f"cross_attn.{name}.weight", (dv, dv), (ca + (name, "kernel"), None, _t))
     add(
-        mp + "cross_attn.multihead_attn.in_proj_weight", (3 * dv, dv),
+        mp + "cross_attn.multihead_attn.in_proj_weight",
+        (3 * dv, dv),
         *[(ca + (f"in_{n}_kernel",), None, _rows(i, dv, _heads_in(nhv, hdv))) for i, n in enumerate("qkv")],
     )
     add(
-        mp + "cross_attn.multihead_attn.in_proj_bias", (3 * dv,),
+        mp + "cross_attn.multihead_attn.in_proj_bias",
+        (3 * dv,),
         *[(ca + (f"in_{n}_bias",), None, _rows(i, dv, _heads_bias(nhv, hdv))) for i, n in enumerate("qkv")],
     )
     add(mp + "cross_attn.multihead_attn.out_proj.weight", (dv, dv), (ca + ("out_kernel",), None, _heads_out(nhv, hdv)))
     add(mp + "cross_attn.multihead_attn.out_proj.bias", (dv,), (ca + ("out_bias",), None, _ident))
     add(mp + "cross_attn.linear.weight", (dv, dv), (ca + ("linear", "kernel"), None, _t))
     add(mp + "cross_attn.linear.bias", (dv,), (ca + ("linear", "bias"), None, _ident))
-    for key, path in (("cross_attn.layer_norm", ca + ("layer_norm",)), ("cross_attn.layer_norm_kv", ca + ("layer_norm_kv",)), ("layer_norm", pj + ("layer_norm",))):
+    for key, path in (
+        ("cross_attn.layer_norm", ca + ("layer_norm",)),
+        ("cross_attn.layer_norm_kv", ca + ("layer_norm_kv",)),
+        ("layer_norm", pj + ("layer_norm",)),
+    ):
         add(mp + key + ".weight", (dv,), (path + ("scale",), None, _ident))
         add(mp + key + ".bias", (dv,), (path + ("bias",), None, _ident))
     add(mp + "feed_forward.linear_in.weight", (t.hidden_size, dv), (pj + ("linear_in", "kernel"), None, _t))
-    add(mp + "feed_forward.linear_out.weight", (t.hidden_size, t.hidden_size), (pj + ("linear_out", "kernel"), None, _t))
+    add(
+        mp + "feed_forward.linear_out.weight", (t.hidden_size, t.hidden_size), (pj + ("linear_out", "kernel"), None, _t)
+    )
 
     # Text decoder.
     d, nh, nkv, hd = t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim
@@ -181,7 +192,11 @@ def tensor_specs(cfg: AriaConfig) -> dict[str, Spec]:
         add(pre + "mlp.experts.fc1.weight", (e, d, 2 * f), (lay + ("mlp", "gate_up"), i, _ident))
         add(pre + "mlp.experts.fc2.weight", (e, f, d), (lay + ("mlp", "down"), i, _ident))
         for name, shape in (("gate_proj", (fs, d)), ("up_proj", (fs, d)), ("down_proj", (d, fs))):
-            add(pre + f"mlp.shared_experts.{name}.weight", shape, (lay + ("mlp", "shared_experts", name, "kernel"), i, _t))
+            add(
+                pre + f"mlp.shared_experts.{name}.weight",
+                shape,
+                (lay + ("mlp", "shared_experts", name, "kernel"), i, _t),
+            )
     return specs
 
 
@@ -208,7 +223,9 @@ def load_params(
     tensors: dict[str, SafetensorsFile] = open_checkpoint(directory)
     layout = detect_layout(list(tensors), directory)
     specs = tensor_specs(cfg)
-    shapes = {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes)}
+    shapes = {
+        tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes)
+    }
     seen: set[str] = set()
     params: dict = {}
     stacked: dict[tuple[str, ...], jax.Array] = {}
@@ -230,7 +247,7 @@ def load_params(
         if not targets:
             continue
         raw = shard.get(key)
-        if not np.issubdtype(raw.dtype, np.floating):
+        if not jnp.issubdtype(raw.dtype, jnp.floating):
             raise CheckpointError(f"{shard.path}: tensor '{key}' has non-float dtype {raw.dtype}")
         for target in targets:
             value = np.ascontiguousarray(target.transform(raw), dtype=np_dtype)

@@ -13,34 +13,80 @@ from safetensors.torch import save_file
 # vision head dims 8/6/12, and two image sizes (query counts) per model.
 CONFIGS: dict[str, dict] = {
     "gqa": dict(
-        text_config=dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, moe_num_experts=4, moe_topk=2,
-                         moe_num_shared_experts=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=56, patch_size=14),
+        text_config=dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            moe_num_experts=4,
+            moe_topk=2,
+            moe_num_shared_experts=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+        ),
         projector_patch_to_query_dict={16: 4, 4: 2},
     ),
     "mha": dict(
-        text_config=dict(vocab_size=160, hidden_size=48, intermediate_size=24, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=4, head_dim=10, moe_num_experts=8, moe_topk=3,
-                         moe_num_shared_experts=2, rope_parameters={"rope_type": "default", "rope_theta": 5e6}),
-        vision_config=dict(hidden_size=36, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
-                           image_size=70, patch_size=5),
+        text_config=dict(
+            vocab_size=160,
+            hidden_size=48,
+            intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=10,
+            moe_num_experts=8,
+            moe_topk=3,
+            moe_num_shared_experts=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6},
+        ),
+        vision_config=dict(
+            hidden_size=36,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            image_size=70,
+            patch_size=5,
+        ),
         projector_patch_to_query_dict={196: 6, 49: 3},
     ),
     "top1": dict(
-        text_config=dict(vocab_size=100, hidden_size=72, intermediate_size=20, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, moe_num_experts=6, moe_topk=1,
-                         moe_num_shared_experts=1, rms_norm_eps=1e-5),
-        vision_config=dict(hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=42, patch_size=14),
+        text_config=dict(
+            vocab_size=100,
+            hidden_size=72,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            moe_num_experts=6,
+            moe_topk=1,
+            moe_num_shared_experts=1,
+            rms_norm_eps=1e-5,
+        ),
+        vision_config=dict(
+            hidden_size=24,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=42,
+            patch_size=14,
+        ),
         projector_patch_to_query_dict={9: 3},
     ),
 }
 IMAGE_TOKEN = 9
 
 
-def make_hf_model(name: str, seed: int = 0, scale: float = 1.0, dtype=torch.float32):
+def make_hf_model(name: str, seed: int = 0, scale: float = 4.0, dtype=torch.float32):
     """A random transformers AriaForConditionalGeneration; ``scale`` widens the init so logits are not flat."""
     from transformers import AriaConfig, AriaForConditionalGeneration
 
@@ -62,13 +108,19 @@ def make_hf_model(name: str, seed: int = 0, scale: float = 1.0, dtype=torch.floa
                 # Non-trivial norm weights and biases so their loading and use are tested too.
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if pname.endswith("weight") else 0.0))
         model.model.multi_modal_projector.query.normal_(0, 1.0)
+        # Image tokens as large as text embeddings would be in a trained model, so images visibly move the logits.
+        for lin in (
+            model.model.multi_modal_projector.feed_forward.linear_in,
+            model.model.multi_modal_projector.feed_forward.linear_out,
+        ):
+            lin.weight.normal_(0, 2.0 / lin.weight.shape[1] ** 0.5)
     return model.to(dtype).eval()
 
 
 def _hub_to_original(key: str) -> str:
     """Inverse of convert_aria_weights_to_hf.py's renames: the original custom-code names."""
     if key.startswith("vision_tower."):
-        return "vision_tower.vision_model." + key[len("vision_tower."):]
+        return "vision_tower.vision_model." + key[len("vision_tower.") :]
     key = key.replace("multi_modal_projector.layer_norm.", "multi_modal_projector.ln_ffn.")
     key = key.replace("cross_attn.layer_norm_kv.", "cross_attn.ln_kv.")
     return key.replace("multi_modal_projector.feed_forward.", "multi_modal_projector.ffn.")
@@ -99,10 +151,17 @@ def save_layout(model, layout: str, directory: str, max_shard_size: str | None =
         model.save_pretrained(hub_dir)
         from safetensors.torch import load_file
 
-        state = {_hub_to_original(k): v for k, v in load_file(os.path.join(hub_dir, "model.safetensors")).items()
-                 if "post_layernorm" not in k}
-        state.update({f"language_model.model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(2)
-                      for i in range(model.config.text_config.num_hidden_layers)})
+        state = {
+            _hub_to_original(k): v
+            for k, v in load_file(os.path.join(hub_dir, "model.safetensors")).items()
+            if "post_layernorm" not in k
+        }
+        state.update(
+            {
+                f"language_model.model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(2)
+                for i in range(model.config.text_config.num_hidden_layers)
+            }
+        )
         with open(os.path.join(directory, "config.json")) as f:
             cfg = json.load(f)
         tc, vc = cfg["text_config"], cfg["vision_config"]
@@ -126,8 +185,8 @@ def text_batch(vocab: int, rng: np.random.Generator, lengths=(11, 7)) -> tuple[n
     mask = np.zeros((len(lengths), t), np.int64)
     for row, n in enumerate(lengths):
         tokens = rng.integers(10, vocab, n)
-        ids[row, t - n:] = tokens
-        mask[row, t - n:] = 1
+        ids[row, t - n :] = tokens
+        mask[row, t - n :] = 1
     return ids, mask
 
 
@@ -141,19 +200,22 @@ def image_batch(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
     vocab = spec["text_config"]["vocab_size"]
     pixel_values = rng.uniform(-1, 1, (3, 3, side, side)).astype(np.float32)
     pixel_mask = np.ones((3, side, side), bool)
-    pixel_mask[0, side - patch - 3:, :] = False  # some rows padded (one patch row only partly)
-    pixel_mask[1, :, side // 2 + 1:] = False  # columns padded
+    pixel_mask[0, side - patch - 3 :, :] = False  # some rows padded (one patch row only partly)
+    pixel_mask[1, :, side // 2 + 1 :] = False  # columns padded
     for i in range(2):
         pixel_values[i][:, ~pixel_mask[i]] = -1.0  # padding is -1 after normalisation, as the processor does
     rows = [
         [*rng.integers(10, vocab, 3)] + [IMAGE_TOKEN] * queries + [*rng.integers(10, vocab, 4)],
-        [*rng.integers(10, vocab, 2)] + [IMAGE_TOKEN] * queries + [*rng.integers(10, vocab, 2)]
-        + [IMAGE_TOKEN] * queries + [*rng.integers(10, vocab, 3)],
+        [*rng.integers(10, vocab, 2)]
+        + [IMAGE_TOKEN] * queries
+        + [*rng.integers(10, vocab, 2)]
+        + [IMAGE_TOKEN] * queries
+        + [*rng.integers(10, vocab, 3)],
     ]
     t = max(map(len, rows))
     ids = np.full((2, t), 2, np.int64)
     mask = np.zeros((2, t), np.int64)
     for r, row in enumerate(rows):
-        ids[r, t - len(row):] = row
-        mask[r, t - len(row):] = 1
+        ids[r, t - len(row) :] = row
+        mask[r, t - len(row) :] = 1
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "pixel_mask": pixel_mask}

@@ -1,0 +1,59 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import hf_models  # noqa: E402
+
+LAYOUTS = ("hub", "transformers5", "original")
+
+
+def rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref|: the project's parity measure."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """Cached tiny random transformers models by config name."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = hf_models.make_hf_model(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, hf_model):
+    """Cached checkpoint directories by (config name, layout)."""
+    cache = {}
+
+    def get(name: str, layout: str = "hub") -> str:
+        if (name, layout) not in cache:
+            directory = str(tmp_path_factory.mktemp(f"{name}-{layout}"))
+            cache[name, layout] = hf_models.save_layout(hf_model(name), layout, directory)
+        return cache[name, layout]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def aria_model(checkpoint):
+    """Cached float32 aria_jax models loaded from the hub layout, by config name."""
+    from aria_jax import Aria
+
+    cache = {}
+
+    def get(name: str, layout: str = "hub"):
+        if (name, layout) not in cache:
+            cache[name, layout] = Aria.from_pretrained(checkpoint(name, layout), dtype="float32")
+        return cache[name, layout]
+
+    return get
