@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -12,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from aria_jax.config import AriaConfig
+from aria_jax.generation import Decoder, GenerationStats, StopRule, stop_string_checker
 from aria_jax.model import AriaModel, check_image_token_count
 from aria_jax.moe import MOE_BACKENDS
+from aria_jax.sampling import SamplingConfig
 from aria_jax.weights import load_params
 
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
@@ -60,7 +64,15 @@ def example_inputs(cfg: AriaConfig) -> dict[str, jax.Array]:
 class Aria:
     """Aria for inference: ``Aria.from_pretrained(path)``, then ``forward``; ``params`` is a plain pytree."""
 
-    def __init__(self, config: AriaConfig, params: dict, dtype=None, moe_backend: str = "ragged", processor=None):
+    def __init__(
+        self,
+        config: AriaConfig,
+        params: dict,
+        dtype=None,
+        moe_backend: str = "auto",
+        processor=None,
+        generation_config: dict | None = None,
+    ):
         if moe_backend not in MOE_BACKENDS:
             raise ValueError(f"unknown moe_backend '{moe_backend}'; choose one of {', '.join(MOE_BACKENDS)}")
         self.config = config
@@ -68,6 +80,8 @@ class Aria:
         self.dtype = resolve_dtype(dtype, config)
         self.module = AriaModel(config, moe_backend=moe_backend, dtype=self.dtype)
         self.processor = processor
+        self.generation_config = generation_config or {}
+        self.last_stats: GenerationStats | None = None
 
     @staticmethod
     def param_shapes(config: AriaConfig, dtype=jnp.float32, logical: bool = False) -> dict:
@@ -79,7 +93,7 @@ class Aria:
         return nn.unbox(boxed)
 
     @classmethod
-    def from_config(cls, config: AriaConfig, seed: int = 0, dtype=None, moe_backend: str = "ragged") -> Aria:
+    def from_config(cls, config: AriaConfig, seed: int = 0, dtype=None, moe_backend: str = "auto") -> Aria:
         """A randomly initialised model (normal(0.02) weights, unit norms), for tests, demos and benchmarks."""
         dtype = resolve_dtype(dtype, config)
         module = AriaModel(config, dtype=dtype)
@@ -94,7 +108,7 @@ class Aria:
         path_or_hub_id: str | os.PathLike,
         dtype=None,
         mesh=None,
-        moe_backend: str = "ragged",
+        moe_backend: str = "auto",
         revision: str | None = None,
     ) -> Aria:
         """Load an HF-format safetensors directory in any of Aria's key layouts, or a hub id.
@@ -107,12 +121,12 @@ class Aria:
         config = AriaConfig.from_pretrained(path)
         dtype = resolve_dtype(dtype, config)
         params, _ = load_params(path, config, cls.param_shapes(config, dtype), dtype)
-        return cls(config, params, dtype, moe_backend)
+        return cls(config, params, dtype, moe_backend, load_processor(path), read_generation_config(path))
 
     @functools.cached_property
     def _forward(self):
         def run(params, input_ids, attention_mask, pixel_values, pixel_mask):
-            logits, _ = self.module.apply({"params": params}, input_ids, attention_mask, pixel_values, pixel_mask)
+            logits, _, _ = self.module.apply({"params": params}, input_ids, attention_mask, pixel_values, pixel_mask)
             return logits
 
         return jax.jit(run)
@@ -153,3 +167,108 @@ class Aria:
             raise ValueError(f"pixel_mask shape {np.shape(pixel_mask)} != {(n, h, w)}")
         if input_ids.shape[1] != 1:
             check_image_token_count(input_ids, n, cfg.queries_for_patches((h // p) ** 2), cfg.image_token_id)
+
+    # -- generation ----------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _decoder(self) -> Decoder:
+        return Decoder(self.module)
+
+    def _stop_rule(self, max_new_tokens: int, min_new_tokens: int, eos_token_id, prompt_len: int) -> StopRule:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in 0..max_new_tokens ({max_new_tokens}), got {min_new_tokens}")
+        limit = self.config.text.max_position_embeddings
+        if prompt_len + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length {limit}"
+            )
+        gen = self.generation_config
+        if eos_token_id is None:
+            eos_token_id = gen.get("eos_token_id", self.config.text.eos_token_id)
+        eos = tuple(int(e) for e in np.atleast_1d(eos_token_id)) if eos_token_id is not None else ()
+        pad = gen.get("pad_token_id", self.config.text.pad_token_id)
+        pad = int(pad if pad is not None else (eos[0] if eos else 0))
+        return StopRule(eos_ids=eos, pad_id=pad, max_new=max_new_tokens, min_new=min_new_tokens)
+
+    def _plan(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        pixel_mask=None,
+        max_new_tokens: int = 32,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_token_id=None,
+        stop_strings=None,
+    ) -> dict:
+        """Validated arguments for ``Decoder.iterate``; every bad value fails here, before anything is traced."""
+        ids = self._check_ids(input_ids)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        if pixel_values is not None:
+            pixel_values = np.asarray(pixel_values)
+            self._check_pixels(ids, pixel_values, pixel_mask)
+            pixel_values = pixel_values.astype(np.float32)
+            if pixel_mask is not None:
+                pixel_mask = np.asarray(pixel_mask, dtype=bool)
+        stop_check = None
+        if stop_strings:
+            if self.processor is None:
+                raise ValueError("stop_strings need a tokenizer, and this model directory has no tokenizer files")
+            stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+            stop_check = stop_string_checker(lambda t: self.processor.decode(t, skip_special_tokens=False), stops)
+        return dict(
+            params=self.params, input_ids=ids, attention_mask=mask, pixel_values=pixel_values, pixel_mask=pixel_mask,
+            sampling=SamplingConfig(bool(do_sample), float(temperature), top_k, float(top_p)),
+            rule=self._stop_rule(max_new_tokens, min_new_tokens, eos_token_id, ids.shape[1]),
+            seed=int(seed), stop_check=stop_check,
+        )
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, **options) -> np.ndarray:
+        """New tokens (B, <= max_new_tokens); rows that stopped early are padded with the pad id.
+
+        Options: max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+        seed=0, eos_token_id=None (the checkpoint's eos ids, as transformers), stop_strings=None. The last call's
+        timing (prefill ms, decode tokens/s) is in ``last_stats``.
+        """
+        plan = self._plan(input_ids, attention_mask, pixel_values, pixel_mask, **options)
+        out, self.last_stats = self._decoder.run(**plan)
+        return out
+
+    def generate_stream(
+        self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, **options
+    ) -> Iterator[np.ndarray]:
+        """``generate``, yielding each step's (B,) tokens as they come; the full result is in ``last_tokens``."""
+        plan = self._plan(input_ids, attention_mask, pixel_values, pixel_mask, **options)
+        self.last_tokens, self.last_stats = yield from self._decoder.iterate(**plan, stream=True)
+
+
+def read_generation_config(path: str) -> dict:
+    """eos / pad / bos ids from generation_config.json, if the directory has one."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    return {k: raw[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if raw.get(k) is not None}
+
+
+def load_processor(path: str):
+    """The directory's AriaProcessor, or None when it has no tokenizer files."""
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None
+    try:
+        from aria_jax.processor import AriaProcessor
+    except ImportError:  # the processor module is optional for loading weights
+        return None
+    return AriaProcessor.from_pretrained(path)

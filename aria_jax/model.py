@@ -46,7 +46,7 @@ def default_positions(input_ids: jax.Array) -> jax.Array:
 
 class AriaModel(nn.Module):
     config: AriaConfig
-    moe_backend: str = "ragged"
+    moe_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
 
@@ -84,9 +84,12 @@ class AriaModel(nn.Module):
         pixel_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         image_features: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """Returns logits (B, T, V) and router logits (L, B*T, E)."""
+        cache=(),
+        index: jax.Array | None = None,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, jax.Array, dict | tuple]:
+        """Returns logits (B, T, V), router logits (L, B*T, E) and the updated KV cache (see TextDecoder)."""
         embeds = self.embed(input_ids, pixel_values, pixel_mask, image_features)
         if positions is None:
             positions = default_positions(input_ids)
-        return self.language_model(embeds, positions, attention_mask)
+        return self.language_model(embeds, positions, attention_mask, cache, index, last_only)

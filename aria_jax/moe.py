@@ -2,7 +2,10 @@
 
 The routed experts have interchangeable backends selected by name:
 - ``"ragged"``: sort the (token, slot) pairs by expert and run a grouped matmul with ``jax.lax.ragged_dot``;
-- ``"dense"``: every expert on every token, combined with the routing weights; a simple reference for tests.
+- ``"gather"``: gather each (token, slot)'s expert weights and run batched matvecs; reads only the selected
+  experts, the right choice for decode and other small token counts;
+- ``"dense"``: every expert on every token, combined with the routing weights; a simple reference for tests;
+- ``"auto"``: ``gather`` when tokens x top-k <= experts, else ``ragged``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.layers import Linear, param, silu, softmax
-
-MOE_BACKENDS = ("ragged", "dense")
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -56,7 +57,26 @@ def experts_dense(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
-EXPERT_BACKENDS: dict[str, Callable[..., jax.Array]] = {"ragged": experts_ragged, "dense": experts_dense}
+def experts_gather(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array
+) -> jax.Array:
+    """Per (token, slot): gather that expert's weights and apply them; no sort, no wasted expert."""
+    h = jnp.einsum("td,tkdf->tkf", x, jnp.take(gate_up, ids, axis=0))
+    y = jnp.einsum("tkf,tkfd->tkd", _swiglu(h), jnp.take(down, ids, axis=0))
+    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+
+
+def experts_auto(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+    small = ids.size <= gate_up.shape[0]  # static: decided from shapes at trace time
+    return (experts_gather if small else experts_ragged)(x, weights, ids, gate_up, down)
+
+
+EXPERT_BACKENDS: dict[str, Callable[..., jax.Array]] = {
+    "auto": experts_auto,
+    "ragged": experts_ragged,
+    "gather": experts_gather,
+    "dense": experts_dense,
+}
 
 
 class SharedExperts(nn.Module):
@@ -77,7 +97,7 @@ class MoE(nn.Module):
     """(B, T, D) -> (B, T, D): routed experts + shared experts, no capacity limit and no dropped tokens."""
 
     config: AriaTextConfig
-    backend: str = "ragged"
+    backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -95,3 +115,5 @@ class MoE(nn.Module):
         routed = EXPERT_BACKENDS[self.backend](tokens, weights, ids, gate_up, down).reshape(x.shape)
         shared = SharedExperts(cfg, self.dtype, name="shared_experts")(x)
         return routed + shared, logits
+
+MOE_BACKENDS = tuple(EXPERT_BACKENDS)

@@ -10,6 +10,8 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.layers import Linear, RMSNorm, masked_softmax, param
 from aria_jax.moe import MoE
 
+KVCache = dict[str, jax.Array] | tuple  # {"k", "v"}: (L, B, S, kv_heads, head_dim) stacked, or () for none
+
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     """cos/sin (B, T, head_dim) computed in float32, then cast to the activation dtype as transformers does."""
@@ -42,7 +44,10 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache = (), index=None
+    ) -> tuple[jax.Array, KVCache]:
+        """Self-attention over ``x``, or, given a KV cache, over the cache with ``x``'s keys written at ``index``."""
         cfg = self.config
         d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         wq = param(self, "q_kernel", (d, nh, hd), ("embed", "q_heads", "head_dim"), self.dtype)
@@ -52,37 +57,45 @@ class Attention(nn.Module):
         q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq), cos, sin)
         k = apply_rope(jnp.einsum("btd,dkh->btkh", x, wk), cos, sin)
         v = jnp.einsum("btd,dkh->btkh", x, wv)
+        if cache:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            cache = {"k": k, "v": v}
+            k, v = k.astype(x.dtype), v.astype(x.dtype)
         b, t = x.shape[:2]
         # Query head n uses kv head n // (nh / nkv), as transformers' repeat_kv.
         q = q.reshape(b, t, nkv, nh // nkv, hd)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (hd**-0.5)
         probs = masked_softmax(scores, mask[:, :, None], x.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, nh, hd)
-        return jnp.einsum("btnh,nhd->btd", out, wo)
+        return jnp.einsum("btnh,nhd->btd", out, wo), cache
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x += attn(norm(x)); x += moe(norm(x))``. Scanned over layers; router logits stack."""
 
     config: AriaTextConfig
-    moe_backend: str = "ragged"
+    moe_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache = (), index=None
+    ) -> tuple[jax.Array, tuple[jax.Array, KVCache]]:
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="input_layernorm")(x)
-        x = x + Attention(cfg, self.dtype, name="self_attn")(h, cos, sin, mask)
+        attn, cache = Attention(cfg, self.dtype, name="self_attn")(h, cos, sin, mask, cache, index)
+        x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x)
         out, router_logits = MoE(cfg, self.moe_backend, self.dtype, name="mlp")(h)
-        return x + out, router_logits
+        return x + out, (router_logits, cache)
 
 
 class TextDecoder(nn.Module):
     """Embedded inputs (B, T, D) -> logits (B, T, V) and per-layer router logits (L, B*T, E)."""
 
     config: AriaTextConfig
-    moe_backend: str = "ragged"
+    moe_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
 
@@ -99,7 +112,7 @@ class TextDecoder(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.moe_backend, self.dtype)
@@ -110,11 +123,31 @@ class TextDecoder(nn.Module):
         return jnp.take(self.embed_tokens, input_ids, axis=0)
 
     def __call__(
-        self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+        self,
+        embeds: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache = (),
+        index: jax.Array | None = None,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, jax.Array, KVCache]:
+        """Logits (B, T or 1, V), router logits (L, B*T, E) and the updated cache.
+
+        Without a cache this is the plain causal forward. With one (``init_cache``), the keys and values of
+        ``embeds`` are written at slot ``index`` and ``attention_mask`` covers all cache slots.
+        """
         cfg = self.config
         b, t, _ = embeds.shape
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, embeds.dtype)
-        mask = causal_mask(attention_mask, b, t, t)
-        x, router_logits = self.layers(embeds, cos, sin, mask)
-        return self.lm_head(self.norm(x)), router_logits
+        kv_len = cache["k"].shape[2] if cache else t
+        mask = causal_mask(attention_mask, b, t, kv_len, 0 if index is None else index)
+        x, (router_logits, cache) = self.layers(embeds, cos, sin, mask, cache, index)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)), router_logits, cache
+
+
+def init_cache(cfg: AriaTextConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
+    """A zeroed KV cache for every layer: k and v of shape (L, B, length, kv_heads, head_dim)."""
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

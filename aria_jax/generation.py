@@ -1,0 +1,203 @@
+"""Autoregressive generation: a jitted prefill and a jitted decode loop over a preallocated KV cache.
+
+Prompts are left-padded to a length bucket and the cache to a bucket of prompt + new tokens, so a new prompt
+length rarely recompiles. Positions come from the attention mask (``cumsum - 1``, padding at 0) as transformers'
+``generate`` builds them; image features are computed once, in the prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Generator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aria_jax.model import AriaModel
+from aria_jax.sampling import SamplingConfig, select_tokens
+from aria_jax.text import init_cache
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The next power of two >= n (at least ``minimum``)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens per second over the whole batch, excluding the prefill."""
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return (f"prefill {self.prefill_ms:.1f} ms ({self.prompt_tokens} prompt tokens), "
+                f"decode {self.new_tokens} tokens at {self.decode_tokens_per_s:.1f} tok/s")
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """What ends a row: an eos id (after ``min_new`` tokens), or ``max_new`` tokens."""
+
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    max_new: int
+    min_new: int = 0
+
+
+State = dict[str, jax.Array]
+
+
+class Decoder:
+    """Compiled prefill / decode functions for one model; reused across calls (compiles once per bucket)."""
+
+    def __init__(self, module: AriaModel):
+        self.module = module
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "sampling", "rule"))
+        self._step = jax.jit(self._step_impl, static_argnames=("sampling", "rule"), donate_argnums=(1,))
+        self._loop = jax.jit(self._loop_impl, static_argnames=("sampling", "rule"), donate_argnums=(1,))
+
+    # -- pure pieces ---------------------------------------------------------------------------------------
+    def _emit(self, state: State, logits: jax.Array, sampling: SamplingConfig, rule: StopRule) -> State:
+        """Pick the next token from (B, V) logits, record it, update which rows are done."""
+        step = state["step"]
+        if rule.eos_ids and rule.min_new:
+            eos = jnp.asarray(rule.eos_ids)
+            logits = jnp.where(step < rule.min_new, logits.at[:, eos].set(-jnp.inf), logits)
+        token = select_tokens(logits, jax.random.fold_in(state["key"], step), sampling)
+        token = jnp.where(state["done"], rule.pad_id, token)
+        done = state["done"] | jnp.isin(token, jnp.asarray(rule.eos_ids or (-1,)))
+        out = jax.lax.dynamic_update_index_in_dim(state["out"], token, step, axis=1)
+        return {**state, "token": token, "done": done, "out": out, "step": step + 1}
+
+    def _advance(self, params, state: State) -> tuple[jax.Array, State]:
+        """Feed the last token through the decoder at the next cache slot; returns its logits."""
+        index = state["index"]
+        mask = jax.lax.dynamic_update_index_in_dim(state["mask"], jnp.ones_like(state["token"]), index, axis=1)
+        position = state["position"] + 1
+        logits, _, cache = self.module.apply(
+            {"params": params}, state["token"][:, None], mask, positions=position[:, None],
+            cache=state["cache"], index=index, last_only=True,
+        )
+        state = {**state, "cache": cache, "mask": mask, "position": position, "index": index + 1}
+        return logits[:, 0], state
+
+    def _prefill_impl(self, params, input_ids, attention_mask, pixel_values, pixel_mask, key, *,
+                      cache_len: int, sampling: SamplingConfig, rule: StopRule) -> State:
+        b, p = input_ids.shape
+        positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        cache = init_cache(self.module.config.text, b, cache_len, self.module.dtype)
+        mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
+        logits, _, cache = self.module.apply(
+            {"params": params}, input_ids, mask, pixel_values, pixel_mask, positions=positions,
+            cache=cache, index=jnp.int32(0), last_only=True,
+        )
+        state = {
+            "cache": cache, "mask": mask, "position": positions[:, -1], "index": jnp.int32(p),
+            "token": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool), "step": jnp.int32(0),
+            "out": jnp.full((b, rule.max_new), rule.pad_id, jnp.int32), "key": key,
+        }
+        return self._emit(state, logits[:, 0], sampling, rule)
+
+    def _step_impl(self, params, state: State, *, sampling: SamplingConfig, rule: StopRule) -> State:
+        logits, state = self._advance(params, state)
+        return self._emit(state, logits, sampling, rule)
+
+    def _loop_impl(self, params, state: State, *, sampling: SamplingConfig, rule: StopRule) -> State:
+        def running(s):
+            return (s["step"] < rule.max_new) & ~jnp.all(s["done"])
+
+        return jax.lax.while_loop(running, lambda s: self._step_impl(params, s, sampling=sampling, rule=rule), state)
+
+    # -- driver --------------------------------------------------------------------------------------------
+    def iterate(
+        self,
+        params,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pixel_values: np.ndarray | None,
+        pixel_mask: np.ndarray | None,
+        sampling: SamplingConfig,
+        rule: StopRule,
+        seed: int = 0,
+        stop_check: Callable[[np.ndarray], bool] | None = None,
+        stream: bool = False,
+    ) -> Generator[np.ndarray, None, tuple[np.ndarray, GenerationStats]]:
+        """Yields each step's (B,) tokens when ``stream``; returns (new tokens (B, n), stats).
+
+        Without ``stream`` or ``stop_check`` the whole decode runs in one compiled while-loop; otherwise the host
+        looks at every token (``stop_check(row_tokens) -> bool`` marks a row done, e.g. on a stop string).
+        """
+        b, t = input_ids.shape
+        p = bucket(t)
+        pad = p - t  # extra left padding up to the bucket: masked, so the result is unchanged
+        ids = np.concatenate([np.full((b, pad), rule.pad_id, np.int32), input_ids.astype(np.int32)], axis=1)
+        mask = np.concatenate([np.zeros((b, pad), np.int32), attention_mask.astype(np.int32)], axis=1)
+        stats = GenerationStats(prompt_tokens=int(attention_mask.sum()))
+        start = time.perf_counter()
+        state = self._prefill(params, ids, mask, pixel_values, pixel_mask, jax.random.key(seed),
+                              cache_len=bucket(p + rule.max_new), sampling=sampling, rule=rule)
+        jax.block_until_ready(state["token"])
+        stats.prefill_ms = 1000 * (time.perf_counter() - start)
+        start = time.perf_counter()
+        if stop_check is None and not stream:
+            state = self._loop(params, state, sampling=sampling, rule=rule)
+        else:
+            while True:
+                step = int(state["step"])
+                if stream:
+                    yield np.asarray(state["token"])
+                done = np.asarray(state["done"])
+                if stop_check is not None:
+                    out = np.asarray(state["out"])[:, :step]
+                    stopped = done | np.array([stop_check(out[i]) for i in range(b)])
+                    if (stopped != done).any():
+                        state = {**state, "done": jnp.asarray(stopped)}
+                        done = stopped
+                if step >= rule.max_new or done.all():
+                    break
+                state = self._step(params, state, sampling=sampling, rule=rule)
+        out = np.asarray(state["out"])[:, : int(state["step"])]
+        stats.decode_s = time.perf_counter() - start
+        stats.new_tokens = int(sum(generated_length(row, rule) for row in out))
+        return out, stats
+
+    def run(self, *args, **kwargs) -> tuple[np.ndarray, GenerationStats]:
+        """``iterate`` without streaming: (new tokens (B, n), stats)."""
+        it = self.iterate(*args, **kwargs)
+        while True:
+            try:
+                next(it)
+            except StopIteration as finished:
+                return finished.value
+
+
+def generated_length(row: np.ndarray, rule: StopRule) -> int:
+    """Tokens a row really generated: up to and including its first eos, else all of them."""
+    hits = np.flatnonzero(np.isin(row, rule.eos_ids)) if rule.eos_ids else []
+    return int(hits[0]) + 1 if len(hits) else len(row)
+
+
+def stop_string_checker(decode: Callable[[Sequence[int]], str], stop_strings: Sequence[str]):
+    """``new_tokens -> bool``: True once a stop string ends inside the newest token's text."""
+    stops = [s for s in stop_strings if s]
+
+    def check(tokens: np.ndarray) -> bool:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            return False
+        text = decode(tokens)
+        before = len(decode(tokens[:-1])) if len(tokens) > 1 else 0
+        return any(text.find(s, max(0, before - len(s) + 1)) >= 0 for s in stops)
+
+    return check
+
