@@ -66,7 +66,7 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
         if image.ndim == 2:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"numpy images must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}")
+            raise ValueError(f"numpy images must be (H, W) or (H, W, C) with C in 1, 3, 4; got {image.shape}")
         if image.shape[-1] == 1:
             return np.repeat(image, 3, axis=-1)
         if image.shape[-1] == 4:
