@@ -2,6 +2,7 @@
 
 from aria_jax.api import Aria
 from aria_jax.config import AriaConfig, AriaTextConfig, AriaVisionConfig
+from aria_jax.processor import AriaProcessor
 
-__all__ = ["Aria", "AriaConfig", "AriaTextConfig", "AriaVisionConfig"]
+__all__ = ["Aria", "AriaConfig", "AriaProcessor", "AriaTextConfig", "AriaVisionConfig"]
 __version__ = "0.1.0"
