@@ -249,6 +249,55 @@ class Aria:
         plan = self._plan(input_ids, attention_mask, pixel_values, pixel_mask, **options)
         self.last_tokens, self.last_stats = yield from self._decoder.iterate(**plan, stream=True)
 
+    # -- chat ----------------------------------------------------------------------------------------------
+    def chat(
+        self,
+        messages: list[dict],
+        images=None,
+        max_new_tokens: int = 256,
+        stream: bool = False,
+        max_image_size: int | None = None,
+        split_image: bool | None = None,
+        **options,
+    ):
+        """Reply to a conversation: the chat template, the processor, ``generate``, and the decoded new text.
+
+        ``messages`` are transformers-style dicts (``{"role": "user", "content": [{"type": "image"},
+        {"type": "text", "text": "..."}]}``); ``images`` are PIL images or file paths, one per image item.
+        Generation stops at ``<|im_end|>`` (and the eos ids) unless ``stop_strings`` says otherwise.
+        Returns the reply as a string, or with ``stream=True`` an iterator of text pieces.
+        """
+        if self.processor is None:
+            raise ValueError("chat needs a tokenizer and chat template, and this model directory has none")
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        batch = self.processor(
+            text=[prompt], images=images or None, max_image_size=max_image_size, split_image=split_image
+        )
+        options.setdefault("stop_strings", ["<|im_end|>"])
+        args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_mask"))
+        if not stream:
+            return self._reply_text(self.generate(*args, max_new_tokens=max_new_tokens, **options)[0])
+        return self._stream_text(self.generate_stream(*args, max_new_tokens=max_new_tokens, **options))
+
+    def _reply_text(self, tokens: np.ndarray) -> str:
+        text = self.processor.decode([int(t) for t in tokens], skip_special_tokens=True)
+        return text.split("<|im_end|>")[0]
+
+    def _stream_text(self, steps: Iterator[np.ndarray]) -> Iterator[str]:
+        """Text pieces as tokens arrive: each piece is the growth of the decoded reply (UTF-8 safe)."""
+        tokens: list[int] = []
+        shown = text = ""
+        for step in steps:
+            tokens.append(int(step[0]))
+            text = self._reply_text(np.asarray(tokens))
+            if text.endswith("\ufffd"):  # maybe an incomplete multi-byte character: wait for the next token
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        if len(text) > len(shown):
+            yield text[len(shown):]
+
 
 def read_generation_config(path: str) -> dict:
     """eos / pad / bos ids from generation_config.json, if the directory has one."""

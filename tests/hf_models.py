@@ -83,6 +83,18 @@ CONFIGS: dict[str, dict] = {
         projector_patch_to_query_dict={9: 3},
     ),
 }
+# Not in the parity sweep: takes real 490/980 px images from the processor cheaply (70 px patches) and has room for
+# the test tokenizer's 400 tokens.
+EXTRA_CONFIGS: dict[str, dict] = {
+    "chat": dict(
+        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, moe_num_experts=4, moe_topk=2,
+                         moe_num_shared_experts=1),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=980, patch_size=70),
+        projector_patch_to_query_dict={49: 4, 196: 8},
+    ),
+}
 IMAGE_TOKEN = 9
 
 
@@ -90,7 +102,7 @@ def make_hf_model(name: str, seed: int = 0, scale: float = 4.0, dtype=torch.floa
     """A random transformers AriaForConditionalGeneration; ``scale`` widens the init so logits are not flat."""
     from transformers import AriaConfig, AriaForConditionalGeneration
 
-    spec = CONFIGS[name]
+    spec = {**CONFIGS, **EXTRA_CONFIGS}[name]
     cfg = AriaConfig(
         text_config={"model_type": "aria_text", **spec["text_config"]},
         vision_config={"model_type": "idefics3_vision", **spec["vision_config"]},
