@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections import Counter
 
+from aria_jax import cli_generate
 from aria_jax.config import AriaConfig, ConfigError
 from aria_jax.safetensors_io import CheckpointError, open_checkpoint
 from aria_jax.weights import detect_layout, tensor_specs, to_hub_name
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="HF-format checkpoint directory (any of the three key layouts) or a hub id")
     p.set_defaults(func=cmd_inspect)
+    cli_generate.add_parsers(sub)
     return parser
 
 

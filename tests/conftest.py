@@ -57,3 +57,15 @@ def aria_model(checkpoint):
         return cache[name, layout]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory):
+    """A checkpoint with tokenizer, chat template and processor configs: (directory, transformers model)."""
+    from aria_proc_dirs import write_dir
+
+    directory = str(tmp_path_factory.mktemp("chat"))
+    model = hf_models.make_hf_model("chat")
+    hf_models.save_layout(model, "hub", directory)
+    write_dir(directory, size_conversion={490: 4, 980: 8})
+    return directory, model

@@ -3,23 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from aria_proc_dirs import hf_processor, write_dir
-from hf_models import make_hf_model, save_layout
+from aria_proc_dirs import hf_processor
 from PIL import Image
 
 from aria_jax import Aria
-
-SIZE_CONVERSION = {490: 4, 980: 8}
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("chat"))
-    model = make_hf_model("chat")
-    save_layout(model, "hub", directory)
-    write_dir(directory, size_conversion=SIZE_CONVERSION)
-    return directory, model
-
 
 def photo() -> Image.Image:
     from skimage import data

@@ -1,0 +1,53 @@
+"""Shared pieces of the benchmarks: the mid-size random Aria, timing, and table printing."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+# The same random mid-size Aria for every benchmark: 6 layers, 32 experts top-6, hidden 512 (issue #4 / #7).
+MID_TEXT = dict(
+    vocab_size=32000, hidden_size=512, intermediate_size=384, num_hidden_layers=6, num_attention_heads=8,
+    num_key_value_heads=8, moe_num_experts=32, moe_topk=6, moe_num_shared_experts=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 5e6}, max_position_embeddings=4096,
+)
+MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=980, patch_size=14)
+MID_P2Q = {1225: 128, 4900: 256}
+
+
+def build_mid_checkpoint(directory: str, seed: int = 0):
+    """A random transformers Aria of the mid-size config, saved (hub layout); returns the torch model."""
+    import torch
+    from transformers import AriaConfig, AriaForConditionalGeneration
+
+    cfg = AriaConfig(text_config={"model_type": "aria_text", **MID_TEXT},
+                     vision_config={"model_type": "idefics3_vision", **MID_VISION},
+                     projector_patch_to_query_dict=MID_P2Q)
+    torch.manual_seed(seed)
+    model = AriaForConditionalGeneration(cfg).eval()
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    return model
+
+
+def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))

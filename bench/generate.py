@@ -1,0 +1,97 @@
+"""Decode tokens/s at batch 1 and 8 and image prefill latency: aria_jax next to transformers, one run.
+
+    python bench/generate.py [--new-tokens 32] [--prompt 64] [--repeats 3]
+
+Same random mid-size Aria for both (bench/common.py), float32, CPU. transformers runs eager attention and its
+default (grouped_mm) experts; its decode rate is (time of N+1 new tokens - time of 1) / N, so the prefill is
+excluded on both sides. aria_jax is timed warm (compiled), as a serving loop runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import MID_P2Q, build_mid_checkpoint, print_table, timeit  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=64, help="text prompt length")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import jax
+    import torch
+
+    from aria_jax import Aria
+
+    n = args.new_tokens
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as directory:
+        hf = build_mid_checkpoint(directory)
+        hf.set_attn_implementation("eager")
+        ours = Aria.from_pretrained(directory, dtype="float32")
+    vocab = hf.config.text_config.vocab_size
+    rows = []
+    for batch in (1, 8):
+        ids = rng.integers(10, vocab, (batch, args.prompt))
+        mask = np.ones_like(ids)
+        t_ids, t_mask = torch.as_tensor(ids), torch.as_tensor(mask)
+
+        def hf_gen(k, t_ids=t_ids, t_mask=t_mask):
+            with torch.no_grad():
+                hf.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=k, min_new_tokens=k,
+                            do_sample=False)
+
+        hf_s = (timeit(lambda: hf_gen(n + 1), args.repeats) - timeit(lambda: hf_gen(1), args.repeats)) / n
+        decode_s = []
+        for _ in range(args.repeats + 1):
+            ours.generate(ids, mask, max_new_tokens=n + 1, min_new_tokens=n + 1)
+            decode_s.append(ours.last_stats.decode_s / n)
+        ours_s = float(np.median(decode_s[1:]))
+        rows.append({
+            "benchmark": f"decode, batch {batch}",
+            "transformers tok/s": f"{batch / hf_s:.1f}",
+            "aria_jax tok/s": f"{batch / ours_s:.1f}",
+            "ratio": f"{hf_s / ours_s:.2f}x",
+        })
+
+    # Image prefill: one 490px image (128 tokens) + text, time to the first token's logits.
+    patches = 1225
+    pixels = rng.uniform(-1, 1, (1, 3, 490, 490)).astype(np.float32)
+    img_ids = np.concatenate([rng.integers(10, vocab, (1, 8)), np.full((1, MID_P2Q[patches]), 9),
+                              rng.integers(10, vocab, (1, 24))], axis=1)
+    t_in = dict(input_ids=torch.as_tensor(img_ids), pixel_values=torch.as_tensor(pixels))
+
+    def hf_prefill():
+        with torch.no_grad():
+            hf(**t_in)
+
+    def ours_prefill():
+        ours.generate(img_ids, pixel_values=pixels, max_new_tokens=1)
+        return ours.last_stats.prefill_ms
+
+    hf_ms = 1000 * timeit(hf_prefill, args.repeats)
+    ours_prefill()
+    ours_ms = float(np.median([ours_prefill() for _ in range(args.repeats)]))
+    rows.append({
+        "benchmark": "image prefill (490px + 32 text)",
+        "transformers ms": f"{hf_ms:.1f}",
+        "aria_jax ms": f"{ours_ms:.1f}",
+        "ratio": f"{hf_ms / ours_ms:.2f}x",
+    })
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); ratio = transformers time / aria_jax time")
+    print_table(rows, ["benchmark", "transformers tok/s", "aria_jax tok/s", "transformers ms", "aria_jax ms", "ratio"])
+
+
+if __name__ == "__main__":
+    main()
