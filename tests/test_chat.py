@@ -8,6 +8,7 @@ from PIL import Image
 
 from aria_jax import Aria
 
+
 def photo() -> Image.Image:
     from skimage import data
 

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from skimage import data
 from PIL import Image
+from skimage import data
 
 from aria_jax import Aria
 from aria_jax.cli import main
