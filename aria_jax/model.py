@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from aria_jax.config import AriaConfig
 from aria_jax.projector import Projector
@@ -49,12 +50,13 @@ class AriaModel(nn.Module):
     moe_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    mesh: Mesh | None = None  # expert parallelism when it has an "expert" axis of size > 1
 
     def setup(self):
         cfg = self.config
         self.vision_tower = VisionTower(cfg.vision, cfg.vision_layers_used, self.dtype, self.remat)
         self.projector = Projector(cfg, self.dtype)
-        self.language_model = TextDecoder(cfg.text, self.moe_backend, self.dtype, self.remat)
+        self.language_model = TextDecoder(cfg.text, self.moe_backend, self.dtype, self.remat, self.mesh)
 
     def image_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None) -> jax.Array:
         """(N, 3, S, S) pixels -> (N, Q, D) image tokens for the decoder."""

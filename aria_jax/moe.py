@@ -17,8 +17,10 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from aria_jax.config import AriaTextConfig
+from aria_jax.expert_parallel import experts_expert_parallel
 from aria_jax.layers import Linear, param, silu, softmax
 
 
@@ -73,7 +75,8 @@ def experts_blocked(
 ) -> jax.Array:
     """Sorted rows padded per expert to whole blocks; a scan runs each block through its one expert.
 
-    At most ``ceil(T*k / block) + E`` blocks exist; unused ones are skipped with ``lax.cond``.
+    At most ``ceil(T*k / block) + E`` blocks exist; unused ones are skipped with ``lax.cond``. Ids >= E (another
+    shard's experts under expert parallelism) contribute zero.
     """
     t, k = ids.shape
     num_experts, d = gate_up.shape[0], x.shape[-1]
@@ -83,12 +86,15 @@ def experts_blocked(
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     expert_of_row = flat[order]
-    sizes = jnp.bincount(flat, length=num_experts)
+    valid = expert_of_row < num_experts
+    local = jnp.minimum(expert_of_row, num_experts - 1)
+    sizes = jnp.bincount(jnp.where(flat < num_experts, flat, num_experts), length=num_experts + 1)[:num_experts]
     padded = -(-sizes // block) * block
     padded_end = jnp.cumsum(padded)
-    rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[expert_of_row]
-    dest = (padded_end - padded)[expert_of_row] + rank  # row of each sorted (token, slot) in the padded buffer
-    buffer = jnp.zeros((num_blocks * block, d), x.dtype).at[dest].set(jnp.take(x, order // k, axis=0))
+    rank = jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[local]
+    trash = num_blocks * block  # one spare row for the (token, slot) pairs this call does not own
+    dest = jnp.where(valid, (padded_end - padded)[local] + rank, trash)
+    buffer = jnp.zeros((trash + 1, d), x.dtype).at[dest].set(jnp.take(x, order // k, axis=0))
     block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
 
     def run_block(_, inputs):
@@ -101,8 +107,9 @@ def experts_blocked(
         out = jax.lax.cond(expert < num_experts, compute, lambda r, e: jnp.zeros_like(r), rows, expert)
         return None, out
 
-    _, out = jax.lax.scan(run_block, None, (buffer.reshape(num_blocks, block, d), block_expert))
-    ys = jnp.take(out.reshape(-1, d), dest, axis=0)
+    _, out = jax.lax.scan(run_block, None, (buffer[:trash].reshape(num_blocks, block, d), block_expert))
+    out = jnp.concatenate([out.reshape(-1, d), jnp.zeros((1, d), out.dtype)])
+    ys = jnp.take(out, dest, axis=0)
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, d)
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
@@ -138,11 +145,17 @@ class SharedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """(B, T, D) -> (B, T, D): routed experts + shared experts, no capacity limit and no dropped tokens."""
+    """(B, T, D) -> (B, T, D): routed experts + shared experts, no capacity limit and no dropped tokens.
+
+    With a ``mesh`` whose ``expert`` axis has more than one device, the routed experts run expert-parallel
+    (aria_jax.expert_parallel) with ``ep_schedule``.
+    """
 
     config: AriaTextConfig
     backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None
+    ep_schedule: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -156,7 +169,16 @@ class MoE(nn.Module):
         down = param(self, "down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), self.dtype)
         tokens = x.reshape(-1, d)
         logits, weights, ids = route(tokens, router, cfg.moe_topk)
-        routed = EXPERT_BACKENDS[self.backend](tokens, weights, ids, gate_up, down).reshape(x.shape)
+        if self.mesh is not None and self.mesh.shape.get("expert", 1) > 1:
+            # Local experts need a backend that skips other shards' (token, slot) pairs: blocked or ragged.
+            ragged = self.backend == "ragged" or (self.backend == "auto" and jax.default_backend() != "cpu")
+            local = experts_ragged if ragged else experts_blocked
+            routed = experts_expert_parallel(
+                tokens, weights, ids, gate_up, down, mesh=self.mesh, backend=local, schedule=self.ep_schedule
+            )
+        else:
+            routed = EXPERT_BACKENDS[self.backend](tokens, weights, ids, gate_up, down)
+        routed = routed.reshape(x.shape)
         shared = SharedExperts(cfg, self.dtype, name="shared_experts")(x)
         return routed + shared, logits
 

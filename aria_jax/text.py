@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.layers import Linear, RMSNorm, masked_softmax, param
@@ -77,6 +78,7 @@ class DecoderLayer(nn.Module):
     config: AriaTextConfig
     moe_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -87,7 +89,7 @@ class DecoderLayer(nn.Module):
         attn, cache = Attention(cfg, self.dtype, name="self_attn")(h, cos, sin, mask, cache, index)
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x)
-        out, router_logits = MoE(cfg, self.moe_backend, self.dtype, name="mlp")(h)
+        out, router_logits = MoE(cfg, self.moe_backend, self.dtype, self.mesh, name="mlp")(h)
         return x + out, (router_logits, cache)
 
 
@@ -98,6 +100,7 @@ class TextDecoder(nn.Module):
     moe_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    mesh: Mesh | None = None
 
     def setup(self):
         cfg = self.config
@@ -115,7 +118,7 @@ class TextDecoder(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.moe_backend, self.dtype)
+        )(cfg, self.moe_backend, self.dtype, self.mesh)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype)
         self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, self.dtype)
 
