@@ -57,6 +57,17 @@ def example_inputs(cfg: AriaConfig) -> dict[str, jax.Array]:
     }
 
 
+def _load(path: str, config: AriaConfig, shapes: dict, dtype: jnp.dtype, mesh) -> dict:
+    """Params from a converted (Orbax) or HF directory, on one device or placed on ``mesh``."""
+    from aria_jax.checkpoint import is_converted, restore_params
+    from aria_jax.sharding import param_shardings
+
+    shardings = param_shardings(config, mesh) if mesh is not None else None
+    if is_converted(path):
+        return restore_params(path, shapes, shardings)
+    return load_params(path, config, shapes, dtype, shardings)[0]
+
+
 class Aria:
     """Aria for inference: ``Aria.from_pretrained(path)``, then ``forward``; ``params`` is a plain pytree."""
 
@@ -97,16 +108,16 @@ class Aria:
         moe_backend: str = "ragged",
         revision: str | None = None,
     ) -> Aria:
-        """Load an HF-format safetensors directory in any of Aria's key layouts, or a hub id.
+        """Load an HF-format safetensors directory in any of Aria's key layouts, a converted directory, or a hub id.
 
-        ``dtype`` None keeps the checkpoint's dtype (as transformers' ``dtype="auto"``).
+        ``dtype`` None keeps the checkpoint's dtype (as transformers' ``dtype="auto"``). ``mesh`` (a
+        ``jax.sharding.Mesh`` or a spec like ``"data=2,expert=4,tensor=1"``) places every parameter with
+        ``aria_jax.sharding.param_shardings``; each device receives only its own slice.
         """
-        if mesh is not None:
-            raise NotImplementedError("mesh= placement is not available yet; load on one device with mesh=None")
         path = resolve_path(path_or_hub_id, revision)
         config = AriaConfig.from_pretrained(path)
         dtype = resolve_dtype(dtype, config)
-        params, _ = load_params(path, config, cls.param_shapes(config, dtype), dtype)
+        params = _load(path, config, cls.param_shapes(config, dtype), dtype, mesh)
         return cls(config, params, dtype, moe_backend)
 
     @functools.cached_property
