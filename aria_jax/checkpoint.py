@@ -86,6 +86,8 @@ class ParamWriter:
                 },
                 "create": True,
                 "delete_existing": True,
+                # No fsync per chunk file: the page cache writes back; the directory is renamed into place.
+                "context": {"file_io_sync": False},
             }
             self._arrays[path] = ts.open(spec).result()
         return self._arrays[path]

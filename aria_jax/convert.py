@@ -63,6 +63,9 @@ class PickleFile:
     def order(self, key: str) -> int:
         return self._order[key]
 
+    def read(self, key: str) -> np.ndarray:
+        return self.get(key)
+
     def get(self, key: str) -> np.ndarray:
         import torch
 
@@ -225,13 +228,24 @@ def write_params(items: list[Item], writer: ParamWriter, progress: bool = True) 
     total = sum(item.nbytes for item in items)
     with progress_bar(total, "convert", progress) as bar:
         for item in items:
-            raw = item.file.get(item.key)
+            raw = item.file.read(item.key)
             for target in item.targets:
                 writer.write(target.path, target.layer, target.transform(raw))
             del raw
             bar.update(item.nbytes)
     writer.close()
     return total
+
+
+def abstract_params(cfg: AriaConfig, dtype: jnp.dtype) -> tuple[dict, dict]:
+    """(ShapeDtypeStructs, logical axis specs) of the params, from one abstract init (no allocation)."""
+    import flax.linen as nn
+
+    from aria_jax.api import example_inputs
+    from aria_jax.model import AriaModel
+
+    boxed = jax.eval_shape(AriaModel(cfg, dtype=dtype).init, jax.random.key(0), **example_inputs(cfg))["params"]
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
 def convert(
@@ -246,7 +260,7 @@ def convert(
     progress: bool = True,
 ) -> dict:
     """Convert ``src`` (an HF directory in any key layout, or a hub id) into ``dst``; returns a summary dict."""
-    from aria_jax.api import Aria, resolve_dtype
+    from aria_jax.api import resolve_dtype
 
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{os.path.abspath(dst)}: already exists; pass --overwrite to replace it")
@@ -265,9 +279,7 @@ def convert(
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(out_cfg.to_dict(), f, indent=2)
         summary["copied"] = copy_tokenizer_files(path, tmp)
-        writer = ParamWriter(
-            tmp, Aria.param_shapes(cfg, target_dtype), Aria.param_shapes(cfg, logical=True), target_dtype
-        )
+        writer = ParamWriter(tmp, *abstract_params(cfg, target_dtype), target_dtype)
         summary["bytes"] = write_params(items, writer, progress)
         if verify:
             from aria_jax.verify import verify_conversion

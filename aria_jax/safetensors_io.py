@@ -99,6 +99,22 @@ class SafetensorsFile:
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
 
+    def read(self, key: str) -> np.ndarray:
+        """The tensor as an owned array, read with one sequential ``readinto`` (faster than faulting a memmap)."""
+        dtype, shape, begin, end = self._entries[key]
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            done = 0
+            while done < end - begin:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: truncated file while reading tensor '{key}'")
+                done += n
+        return out
+
+
 def open_checkpoint(directory: str | os.PathLike) -> dict[str, SafetensorsFile]:
     """Map every tensor name of an HF safetensors directory (single file or sharded with an index) to its file."""
     directory = os.fspath(directory)
