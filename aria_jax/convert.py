@@ -190,6 +190,11 @@ def staged_directory(dst: str, overwrite: bool) -> Iterator[str]:
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{dst}: already exists; pass --overwrite to replace it")
     parent = os.path.dirname(dst)
+    created = []  # parent directories made here, removed again on failure
+    probe = parent
+    while not os.path.isdir(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -198,6 +203,9 @@ def staged_directory(dst: str, overwrite: bool) -> Iterator[str]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         raise
     if os.path.lexists(dst):
         old = os.path.join(parent, f".{os.path.basename(dst)}.old-{os.getpid()}")
@@ -237,17 +245,6 @@ def write_params(items: list[Item], writer: ParamWriter, progress: bool = True) 
     return total
 
 
-def abstract_params(cfg: AriaConfig, dtype: jnp.dtype) -> tuple[dict, dict]:
-    """(ShapeDtypeStructs, logical axis specs) of the params, from one abstract init (no allocation)."""
-    import flax.linen as nn
-
-    from aria_jax.api import example_inputs
-    from aria_jax.model import AriaModel
-
-    boxed = jax.eval_shape(AriaModel(cfg, dtype=dtype).init, jax.random.key(0), **example_inputs(cfg))["params"]
-    return nn.unbox(boxed), nn.get_partition_spec(boxed)
-
-
 def convert(
     src: str,
     dst: str,
@@ -279,6 +276,8 @@ def convert(
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(out_cfg.to_dict(), f, indent=2)
         summary["copied"] = copy_tokenizer_files(path, tmp)
+        from aria_jax.sharding import abstract_params
+
         writer = ParamWriter(tmp, *abstract_params(cfg, target_dtype), target_dtype)
         summary["bytes"] = write_params(items, writer, progress)
         if verify:

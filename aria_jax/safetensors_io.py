@@ -98,7 +98,6 @@ class SafetensorsFile:
             return np.zeros(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
-
     def read(self, key: str) -> np.ndarray:
         """The tensor as an owned array, read with one sequential ``readinto`` (faster than faulting a memmap)."""
         dtype, shape, begin, end = self._entries[key]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from aria_jax.config import AriaConfig
@@ -91,13 +92,21 @@ def partition_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh
     return PartitionSpec(*physical)
 
 
+def abstract_params(cfg: AriaConfig, dtype: jnp.dtype) -> tuple[dict, dict]:
+    """(ShapeDtypeStructs, logical axis specs) of the params, from one abstract init (no allocation)."""
+    import flax.linen as nn
+
+    from aria_jax.api import example_inputs  # api imports this module lazily; avoid the cycle at import time
+    from aria_jax.model import AriaModel
+
+    boxed = jax.eval_shape(AriaModel(cfg, dtype=dtype).init, jax.random.key(0), **example_inputs(cfg))["params"]
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
 def param_shardings(cfg: AriaConfig, mesh: Mesh | str) -> dict:
     """The NamedSharding of every parameter (a tree shaped like the params) on ``mesh``."""
-    from aria_jax.api import Aria  # api imports this module's users; avoid the cycle at import time
-
     mesh = make_mesh(mesh)
-    shapes = Aria.param_shapes(cfg)
-    logical = Aria.param_shapes(cfg, logical=True)
+    shapes, logical = abstract_params(cfg, jnp.float32)
     flat_logical = jax.tree_util.tree_leaves_with_path(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
     flat_shapes = jax.tree_util.tree_leaves(shapes)
     shardings = [
