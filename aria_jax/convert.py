@@ -180,7 +180,11 @@ def resolve_source(src: str, revision: str | None = None, allow_pickle: bool = F
     from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE: then only the local cache is used
 
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
-    return snapshot_download(src, revision=revision, allow_patterns=patterns)
+    try:
+        return snapshot_download(src, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo or revision, HTTP errors: one line, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FileNotFoundError(f"{src}: cannot fetch from the hub ({type(e).__name__}: {first})") from None
 
 
 @contextlib.contextmanager

@@ -301,3 +301,25 @@ def test_export_faults_exit_2(converted, tmp_path, capsys):
     assert main(["export", converted("hub"), str(tmp_path / "x"), "--max-shard-size", "lots"]) == 2
     assert "--max-shard-size 'lots'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_hub_id_downloads_only_needed_files_at_a_revision(checkpoint, tmp_path, monkeypatch, capsys):
+    """The hub path with huggingface_hub.snapshot_download replaced (no test touches the hub)."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        if repo_id == "rhymes-ai/Missing":
+            raise OSError("offline and not cached")
+        return checkpoint(NAME, "hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert main(["convert", "rhymes-ai/Aria", str(tmp_path / "d"), "--revision", "abc123", "--quiet"]) == 0
+    repo, revision, patterns = calls[0]
+    assert (repo, revision) == ("rhymes-ai/Aria", "abc123")
+    assert "*.safetensors" in patterns and "*.bin" not in patterns and "*.jinja" in patterns
+    assert main(["convert", "rhymes-ai/Missing", str(tmp_path / "e"), "--quiet"]) == 2
+    assert "rhymes-ai/Missing: cannot fetch from the hub (OSError: offline and not cached)" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
