@@ -61,6 +61,17 @@ def example_inputs(cfg: AriaConfig) -> dict[str, jax.Array]:
     }
 
 
+def _load(path: str, config: AriaConfig, shapes: dict, dtype: jnp.dtype, mesh) -> dict:
+    """Params from a converted (Orbax) or HF directory, on one device or placed on ``mesh``."""
+    from aria_jax.checkpoint import is_converted, restore_params
+    from aria_jax.sharding import param_shardings
+
+    shardings = param_shardings(config, mesh) if mesh is not None else None
+    if is_converted(path):
+        return restore_params(path, shapes, shardings)
+    return load_params(path, config, shapes, dtype, shardings)[0]
+
+
 class Aria:
     """Aria for inference: ``Aria.from_pretrained(path)``, then ``forward``; ``params`` is a plain pytree."""
 
@@ -72,13 +83,15 @@ class Aria:
         moe_backend: str = "auto",
         processor=None,
         generation_config: dict | None = None,
+        mesh=None,
     ):
         if moe_backend not in MOE_BACKENDS:
             raise ValueError(f"unknown moe_backend '{moe_backend}'; choose one of {', '.join(MOE_BACKENDS)}")
         self.config = config
         self.params = params
         self.dtype = resolve_dtype(dtype, config)
-        self.module = AriaModel(config, moe_backend=moe_backend, dtype=self.dtype)
+        self.mesh = mesh  # a jax.sharding.Mesh the params are placed on; its "expert" axis runs expert-parallel
+        self.module = AriaModel(config, moe_backend=moe_backend, dtype=self.dtype, mesh=mesh)
         self.processor = processor
         self.generation_config = generation_config or {}
         self.last_stats: GenerationStats | None = None
@@ -111,17 +124,20 @@ class Aria:
         moe_backend: str = "auto",
         revision: str | None = None,
     ) -> Aria:
-        """Load an HF-format safetensors directory in any of Aria's key layouts, or a hub id.
+        """Load an HF-format safetensors directory in any of Aria's key layouts, a converted directory, or a hub id.
 
-        ``dtype`` None keeps the checkpoint's dtype (as transformers' ``dtype="auto"``).
+        ``dtype`` None keeps the checkpoint's dtype (as transformers' ``dtype="auto"``). ``mesh`` (a
+        ``jax.sharding.Mesh`` or a spec like ``"data=2,expert=4,tensor=1"``) places every parameter with
+        ``aria_jax.sharding.param_shardings``; each device receives only its own slice.
         """
-        if mesh is not None:
-            raise NotImplementedError("mesh= placement is not available yet; load on one device with mesh=None")
         path = resolve_path(path_or_hub_id, revision)
         config = AriaConfig.from_pretrained(path)
         dtype = resolve_dtype(dtype, config)
-        params, _ = load_params(path, config, cls.param_shapes(config, dtype), dtype)
-        return cls(config, params, dtype, moe_backend, load_processor(path), read_generation_config(path))
+        from aria_jax.sharding import make_mesh
+
+        mesh = make_mesh(mesh)
+        params = _load(path, config, cls.param_shapes(config, dtype), dtype, mesh)
+        return cls(config, params, dtype, moe_backend, load_processor(path), read_generation_config(path), mesh)
 
     @functools.cached_property
     def _forward(self):

@@ -7,8 +7,10 @@ import sys
 from collections import Counter
 
 from aria_jax import cli_generate
+from aria_jax.checkpoint import is_converted, stored_params
 from aria_jax.config import AriaConfig, ConfigError
 from aria_jax.safetensors_io import CheckpointError, open_checkpoint
+from aria_jax.verify import VerifyError
 from aria_jax.weights import detect_layout, tensor_specs, to_hub_name
 
 
@@ -45,21 +47,38 @@ def _fmt(n: float) -> str:
     return str(int(n))
 
 
+def _inspect_orbax(path: str) -> tuple[str, dict[str, int], int, list[str]]:
+    stored = stored_params(path)
+    dtypes = Counter(str(dtype) for _, dtype in stored.values())
+    nbytes = sum(_numel(shape) * dtype.itemsize for shape, dtype in stored.values())
+    return f"{len(stored)} arrays in an Orbax checkpoint", dtypes, nbytes, []
+
+
+def _inspect_hf(path: str, cfg: AriaConfig) -> tuple[str, str, dict[str, int], int, list[str]]:
+    tensors = open_checkpoint(path)
+    layout = detect_layout(list(tensors), path)
+    dtypes = Counter(str(shard.dtype(k)) for k, shard in tensors.items())
+    nbytes = sum(shard.nbytes(k) for k, shard in tensors.items())
+    specs = tensor_specs(cfg)
+    unknown = [k for k in tensors if to_hub_name(k, layout) not in specs]
+    where = f"{len(tensors)} in {len({s.path for s in tensors.values()})} file(s)"
+    return layout, where, dtypes, nbytes, unknown
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from aria_jax.api import resolve_path
 
     path = resolve_path(args.path)
     cfg = AriaConfig.from_pretrained(path)
-    tensors = open_checkpoint(path)
-    layout = detect_layout(list(tensors), path)
-    dtypes = Counter(str(shard.dtype(k)) for k, shard in tensors.items())
-    nbytes = sum(shard.nbytes(k) for k, shard in tensors.items())
+    if is_converted(path):
+        layout = "orbax"
+        where, dtypes, nbytes, unknown = _inspect_orbax(path)
+    else:
+        layout, where, dtypes, nbytes, unknown = _inspect_hf(path, cfg)
     counts = parameter_counts(cfg)
-    specs = tensor_specs(cfg)
-    unknown = [k for k in tensors if to_hub_name(k, layout) not in specs]
     print(f"path:              {path}")
     print(f"layout:            {layout}")
-    print(f"tensors:           {len(tensors)} in {len({s.path for s in tensors.values()})} file(s)")
+    print(f"tensors:           {where}")
     print(f"dtypes:            {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}")
     print(f"bytes:             {nbytes:,} ({nbytes / 2**30:.2f} GiB)")
     print(f"parameters:        {counts['total']:,} ({_fmt(counts['total'])})")
@@ -80,17 +99,129 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from aria_jax.convert import convert
+
+    summary = convert(
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        revision=args.revision,
+        mesh=args.mesh,
+        verify=args.verify,
+        progress=not args.quiet,
+    )
+    print(
+        f"converted {summary['tensors']} tensors ({summary['bytes']:,} bytes, {summary['layout']} layout) "
+        f"to {summary['destination']} as {summary['dtype']}"
+    )
+    _print_verify(summary.get("verify"))
+    return 0
+
+
+def _print_verify(result: dict | None) -> None:
+    if result is None:
+        return
+    if "skipped" in result:
+        print(f"verify: skipped: {result['skipped']}")
+    else:
+        print(f"verify: max relative error {result['max_rel_err']:.3g}, KL {result['kl']:.3g} (within tolerance)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from aria_jax.export import export
+
+    summary = export(
+        args.src,
+        args.dst,
+        layout=args.layout,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(
+        f"exported {summary['tensors']} tensors in {summary['shards']} shard(s) ({summary['layout']} layout) "
+        f"to {summary['destination']}"
+    )
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert an HF checkpoint (any key layout, or a hub id) to a fast-loading Orbax directory",
+        description="Convert an HF-format Aria checkpoint to a directory that Aria.from_pretrained restores "
+        "straight onto devices: an Orbax checkpoint of the params, config.json and the tokenizer files. "
+        "Tensors are streamed one at a time; nothing is left behind on failure.",
+    )
+    p.add_argument("src", help="HF checkpoint directory (hub, transformers5 or original key layout) or a hub id")
+    p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="parameter dtype to store (default: the checkpoint's own dtype from config.json, else float32)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the converted model and transformers on a fixed text+image prompt; fail beyond tolerance",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh like 'data=2,expert=4,tensor=1': checked against the model before converting, "
+        "and used by --verify",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled .bin/.pt checkpoints (read with torch.load(weights_only=True))",
+    )
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when SRC is a hub id")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a converted directory back as HF safetensors shards + index",
+        description="Export a directory written by `aria-jax convert` to HF safetensors shards with an index, "
+        "config.json in the chosen dialect and the tokenizer files, loadable by transformers.",
+    )
+    p.add_argument("src", help="a directory written by `aria-jax convert`")
+    p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    p.add_argument(
+        "--layout",
+        choices=["hub", "transformers5"],
+        default="transformers5",
+        help="key names and config dialect: hub (as rhymes-ai/Aria ships, rope_theta) or transformers5 "
+        "(rope_parameters)",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aria-jax", description="Aria (rhymes-ai/Aria) in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "inspect",
         help="show a checkpoint's layout, dtypes, parameter counts and size",
-        description="Show an HF-format Aria checkpoint's key layout (transformers5, hub or original), "
+        description="Show an Aria checkpoint's key layout (transformers5, hub, original, or orbax for a "
+        "converted directory), "
         "tensor count, dtypes, total and active-per-token parameters and bytes.",
     )
-    p.add_argument("path", help="HF-format checkpoint directory (any of the three key layouts) or a hub id")
+    p.add_argument("path", help="HF checkpoint directory (any key layout), a converted directory or a hub id")
     p.set_defaults(func=cmd_inspect)
+    _add_convert(sub)
+    _add_export(sub)
     cli_generate.add_parsers(sub)
     return parser
 
@@ -99,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"aria-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except VerifyError as e:
+        print(f"aria-jax {args.command}: verify failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

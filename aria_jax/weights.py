@@ -41,6 +41,17 @@ _TO_HUB: dict[str, list[tuple[str, str]]] = {
         (r"ln_kv", "layer_norm_kv"),
     ],
 }
+_FROM_HUB: dict[str, list[tuple[str, str]]] = {
+    "transformers5": [
+        (r"^language_model\.model\.", "model.language_model."),
+        (r"^language_model\.lm_head\.weight$", "lm_head.weight"),
+        (r"^vision_tower\.", "model.vision_tower."),
+        (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+        (r"\.mlp\.experts\.fc1\.weight$", ".mlp.experts.gate_up_proj"),
+        (r"\.mlp\.experts\.fc2\.weight$", ".mlp.experts.down_proj"),
+    ],
+    "hub": [],
+}
 _IGNORED = re.compile(r"(^vision_tower\.post_layernorm\.|\.inv_freq$)")
 
 
@@ -62,39 +73,68 @@ def to_hub_name(key: str, layout: str) -> str:
     return key
 
 
+Fn = Callable[[np.ndarray], np.ndarray]
+
+
+def from_hub_name(key: str, layout: str) -> str:
+    """Inverse of ``to_hub_name`` for the layouts that can be written (hub, transformers5)."""
+    for pattern, replacement in _FROM_HUB[layout]:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """HF tensor -> parameter (``forward``) and parameter -> its piece of the HF tensor (``inverse``).
+
+    A tensor's pieces, one per target, are concatenated along axis 0 and reshaped to its disk shape.
+    """
+
+    forward: Fn
+    inverse: Fn
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     path: tuple[str, ...]  # into params
     layer: int | None  # index along the stacked layer axis, if the parameter is scanned
-    transform: Callable[[np.ndarray], np.ndarray]
+    transform: Fn
+    inverse: Fn = lambda w: w
 
 
-def _t(w: np.ndarray) -> np.ndarray:
+def _t_fwd(w: np.ndarray) -> np.ndarray:
     return w.T
 
 
-def _ident(w: np.ndarray) -> np.ndarray:
+def _ident_fwd(w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _heads_in(n: int, h: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda w: w.T.reshape(w.shape[1], n, h)  # (n*h, D) -> (D, n, h)
+_t = Transform(_t_fwd, _t_fwd)  # [out, in] <-> [in, out]
+_ident = Transform(_ident_fwd, _ident_fwd)
 
 
-def _heads_out(n: int, h: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda w: w.T.reshape(n, h, w.shape[0])  # (D, n*h) -> (n, h, D)
+def _heads_in(n: int, h: int) -> Transform:
+    # (n*h, D) <-> (D, n, h)
+    return Transform(lambda w: w.T.reshape(w.shape[1], n, h), lambda p: p.reshape(p.shape[0], -1).T)
 
 
-def _heads_bias(n: int, h: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda b: b.reshape(n, h)
+def _heads_out(n: int, h: int) -> Transform:
+    # (D, n*h) <-> (n, h, D)
+    return Transform(lambda w: w.T.reshape(n, h, w.shape[0]), lambda p: p.reshape(-1, p.shape[-1]).T)
 
 
-def _rows(i: int, size: int, then: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda w: then(w[i * size : (i + 1) * size])
+def _heads_bias(n: int, h: int) -> Transform:
+    return Transform(lambda b: b.reshape(n, h), lambda p: p.reshape(-1))
 
 
-def _patch(w: np.ndarray) -> np.ndarray:
-    return w.reshape(w.shape[0], -1).T  # (O, C, kh, kw) -> (C*kh*kw, O)
+def _rows(i: int, size: int, then: Transform) -> Transform:
+    # One block of rows of a packed tensor; the inverse gives the block, concatenated with its siblings.
+    return Transform(lambda w: then.forward(w[i * size : (i + 1) * size]), then.inverse)
+
+
+# (O, C, kh, kw) <-> (C*kh*kw, O); the inverse's (O, C*kh*kw) is reshaped to the disk shape by the caller.
+_patch = Transform(lambda w: w.reshape(w.shape[0], -1).T, _t_fwd)
 
 
 Spec = tuple[tuple[int, ...], list[Target]]
@@ -106,8 +146,8 @@ def tensor_specs(cfg: AriaConfig) -> dict[str, Spec]:
     t, v = cfg.text, cfg.vision
     specs: dict[str, Spec] = {}
 
-    def add(key: str, shape: tuple[int, ...], *targets: tuple[tuple[str, ...], int | None, Callable]):
-        specs[key] = (shape, [Target(p, i, f) for p, i, f in targets])
+    def add(key: str, shape: tuple[int, ...], *targets: tuple[tuple[str, ...], int | None, Transform]):
+        specs[key] = (shape, [Target(p, i, f.forward, f.inverse) for p, i, f in targets])
 
     # Vision tower.
     dv, nhv, hdv, fv = v.hidden_size, v.num_attention_heads, v.head_dim, v.intermediate_size
@@ -200,9 +240,18 @@ def tensor_specs(cfg: AriaConfig) -> dict[str, Spec]:
     return specs
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
+def _set_layer_impl(stacked: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(stacked, value, index, axis=0)
+
+
+_set_layer = jax.jit(_set_layer_impl, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=256)
+def _placed_ops(sharding: jax.sharding.Sharding, shape: tuple[int, ...], dtype: jnp.dtype):
+    """(zeros, set_layer) that keep a stacked parameter on ``sharding``: each device holds only its slice."""
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return zeros, jax.jit(_set_layer_impl, donate_argnums=0, out_shardings=sharding)
 
 
 def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -212,12 +261,13 @@ def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def load_params(
-    directory: str | os.PathLike, cfg: AriaConfig, param_shapes: dict, dtype: jnp.dtype
+    directory: str | os.PathLike, cfg: AriaConfig, param_shapes: dict, dtype: jnp.dtype, shardings: dict | None = None
 ) -> tuple[dict, str]:
     """Read an HF safetensors directory into a params pytree shaped like ``param_shapes``; returns (params, layout).
 
     Tensors are streamed one at a time from memory maps, cast to ``dtype`` on the host and placed on the
-    device; stacked (scanned) parameters are filled layer by layer in place.
+    device (with ``shardings``, a tree like ``param_shapes`` of target shardings, each device receives only its
+    slice); stacked (scanned) parameters are filled layer by layer in place.
     """
     directory = os.fspath(directory)
     tensors: dict[str, SafetensorsFile] = open_checkpoint(directory)
@@ -226,6 +276,11 @@ def load_params(
     shapes = {
         tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes)
     }
+    placement = (
+        {tuple(k.key for k in path): s for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
+        if shardings is not None
+        else {}
+    )
     seen: set[str] = set()
     params: dict = {}
     stacked: dict[tuple[str, ...], jax.Array] = {}
@@ -251,12 +306,18 @@ def load_params(
             raise CheckpointError(f"{shard.path}: tensor '{key}' has non-float dtype {raw.dtype}")
         for target in targets:
             value = np.ascontiguousarray(target.transform(raw), dtype=np_dtype)
+            sharding = placement.get(target.path)
             if target.layer is None:
-                _nested_set(params, target.path, jax.device_put(value))
+                _nested_set(params, target.path, jax.device_put(value, sharding))
                 continue
+            zeros, set_layer = (
+                _placed_ops(sharding, shapes[target.path], np_dtype)
+                if sharding is not None
+                else (lambda p=target.path: jnp.zeros(shapes[p], dtype), _set_layer)
+            )
             if target.path not in stacked:
-                stacked[target.path] = jnp.zeros(shapes[target.path], dtype)
-            stacked[target.path] = _set_layer(stacked[target.path], value, target.layer)
+                stacked[target.path] = zeros()
+            stacked[target.path] = set_layer(stacked[target.path], value, target.layer)
     missing = sorted(set(specs) - seen)
     if missing:
         raise CheckpointError(f"{directory}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")

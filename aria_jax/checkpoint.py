@@ -1,0 +1,203 @@
+"""Converted checkpoints: the params pytree as an Orbax PyTree checkpoint, written one tensor (or layer) at a time.
+
+A converted directory holds ``config.json`` (``AriaConfig.to_dict()``), the tokenizer files and ``params/``,
+a standard Orbax checkpoint (zarr arrays, no OCDBT) that ``ocp.PyTreeCheckpointer().restore`` reads with any
+target sharding. Orbax saves whole ``jax.Array``s; to stream, ``ParamWriter`` writes the same zarr arrays
+with tensorstore, layer slice by layer slice, and then writes Orbax's metadata files. Chunks are one layer,
+one expert, one head and at most 4096 vocabulary rows, so a device restoring its shard reads only that shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+
+from aria_jax.safetensors_io import CheckpointError
+
+PARAMS_DIR = "params"
+_ONE_PER_CHUNK = ("layers", "expert", "q_heads", "kv_heads", "vision_heads")
+_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+
+Path = tuple[str, ...]
+
+
+def is_converted(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` was written by ``aria-jax convert`` (has an Orbax ``params/`` checkpoint)."""
+    return os.path.isfile(os.path.join(directory, PARAMS_DIR, "_METADATA"))
+
+
+def chunk_shape(shape: tuple[int, ...], logical: tuple[str | None, ...]) -> tuple[int, ...]:
+    """Zarr chunks that split along every axis a mesh may shard, so each shard is read on its own."""
+    chunks = []
+    for size, axis in zip(shape, logical, strict=True):
+        if axis in _ONE_PER_CHUNK:
+            chunks.append(1)
+        elif axis == "vocab":
+            chunks.append(math.gcd(size, 4096))
+        else:
+            chunks.append(size)
+    return tuple(chunks)
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype == jnp.bfloat16 else np.dtype(dtype).str
+
+
+def _leaves(tree: dict) -> dict[Path, object]:
+    is_leaf = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    return {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
+
+
+class ParamWriter:
+    """Writes params into ``directory/params`` as an Orbax checkpoint, one tensor or one layer slice per call.
+
+    At most one write is in flight: ``write`` waits for the previous one to reach the disk before it starts,
+    so host memory holds the value being written and the one being prepared, never the whole tree.
+    """
+
+    def __init__(self, directory: str, param_shapes: dict, logical: dict, dtype: jnp.dtype):
+        self.root = os.path.join(directory, PARAMS_DIR)
+        os.makedirs(self.root, exist_ok=True)
+        self.dtype = np.dtype(dtype)
+        self.shapes: dict[Path, tuple[int, ...]] = {p: s.shape for p, s in _leaves(param_shapes).items()}
+        self.chunks = {p: chunk_shape(self.shapes[p], tuple(spec)) for p, spec in _leaves(logical).items()}
+        self._arrays: dict[Path, ts.TensorStore] = {}
+        self._written: dict[Path, set[int | None]] = {}
+        self._pending: ts.WriteFutures | None = None
+
+    def _array(self, path: Path) -> ts.TensorStore:
+        if path not in self._arrays:
+            spec = {
+                "driver": "zarr",
+                "kvstore": {"driver": "file", "path": os.path.join(self.root, ".".join(path))},
+                "metadata": {
+                    "shape": list(self.shapes[path]),
+                    "chunks": list(self.chunks[path]),
+                    "dtype": _zarr_dtype(self.dtype),
+                    "compressor": None,
+                },
+                "create": True,
+                "delete_existing": True,
+                # No fsync per chunk file: the page cache writes back; the directory is renamed into place.
+                "context": {"file_io_sync": False},
+            }
+            self._arrays[path] = ts.open(spec).result()
+        return self._arrays[path]
+
+    def write(self, path: Path, layer: int | None, value: np.ndarray) -> None:
+        """Write a whole parameter (``layer`` None) or one slice of a stacked one."""
+        if path not in self.shapes:
+            raise CheckpointError(f"{self.root}: no parameter {'.'.join(path)} in this model")
+        expected = self.shapes[path] if layer is None else self.shapes[path][1:]
+        if value.shape != expected:
+            raise CheckpointError(f"parameter {'.'.join(path)}: value of shape {value.shape}, expected {expected}")
+        target = self._array(path)
+        self.wait()
+        self._pending = (target if layer is None else target[layer]).write(np.asarray(value, self.dtype))
+        self._written.setdefault(path, set()).add(layer)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        """Finish pending writes, check every parameter was written in full, write Orbax's metadata."""
+        self.wait()
+        for path, shape in self.shapes.items():
+            done = self._written.get(path, set())
+            if None not in done and len(done) != shape[0]:
+                raise CheckpointError(f"{self.root}: parameter {'.'.join(path)} was not written in full")
+        self._write_metadata()
+
+    def _write_metadata(self) -> None:
+        tree, arrays = {}, []
+        for path, chunks in self.chunks.items():
+            tree[str(path)] = {
+                "key_metadata": [{"key": k, "key_type": 2} for k in path],
+                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(chunks)},
+            }
+            arrays.append(
+                {
+                    "array_metadata": {
+                        "param_name": ".".join(path),
+                        "write_shape": list(chunks),
+                        "chunk_shape": list(chunks),
+                        "ext_metadata": None,
+                    }
+                }
+            )
+        meta = {
+            "tree_metadata": tree,
+            "use_ocdbt": False,
+            "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        }
+        os.makedirs(os.path.join(self.root, "array_metadatas"), exist_ok=True)
+        _dump(os.path.join(self.root, "array_metadatas", "process_0"), {"array_metadatas": arrays})
+        now = time.time_ns()
+        _dump(
+            os.path.join(self.root, "_CHECKPOINT_METADATA"),
+            {
+                "item_handlers": _HANDLER,
+                "metrics": {},
+                "performance_metrics": {},
+                "init_timestamp_nsecs": now,
+                "commit_timestamp_nsecs": now,
+                "custom_metadata": {},
+            },
+        )
+        _dump(os.path.join(self.root, "_METADATA"), meta)  # last: its presence marks a finished checkpoint
+
+
+def _dump(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+
+
+def stored_params(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Name -> (shape, dtype) of every array in a converted directory's Orbax checkpoint."""
+    root = os.path.join(os.fspath(directory), PARAMS_DIR)
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(root).item_metadata.tree
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{root}: unreadable Orbax checkpoint ({e})") from None
+    flat = jax.tree_util.tree_leaves_with_path(meta, is_leaf=lambda x: hasattr(x, "shape"))
+    return {".".join(k.key for k in path): (tuple(m.shape), np.dtype(m.dtype)) for path, m in flat}
+
+
+def restore_params(directory: str | os.PathLike, param_shapes: dict, shardings: dict | None = None) -> dict:
+    """Restore the params of a converted directory as ``param_shapes`` (its dtype) placed on ``shardings``.
+
+    Without ``shardings`` everything lands on the first device. Each device reads only its own shard.
+    """
+    directory = os.fspath(directory)
+    root = os.path.join(directory, PARAMS_DIR)
+    stored = stored_params(directory)
+    expected = {".".join(p): s.shape for p, s in _leaves(param_shapes).items()}
+    for name, shape in expected.items():
+        if name not in stored:
+            raise CheckpointError(f"{root}: missing parameter '{name}'")
+        if stored[name][0] != shape:
+            raise CheckpointError(
+                f"{root}: parameter '{name}' has shape {list(stored[name][0])}, config.json implies {list(shape)}"
+            )
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(f"{root}: unexpected parameter '{extra[0]}' (not part of this Aria config)")
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, param_shapes)
+    restore_args = jax.tree.map(
+        lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape, dtype=s.dtype), param_shapes, shardings
+    )
+    return ocp.PyTreeCheckpointer().restore(root, args=ocp.args.PyTreeRestore(restore_args=restore_args))

@@ -1,0 +1,1 @@
+"""``python -m convert SRC DST ...``: the checkpoint conversion tool (logic in ``aria_jax.convert``)."""
