@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections import Counter
 
-from aria_jax import cli_generate
+from aria_jax import cli_generate, demo
 from aria_jax.checkpoint import is_converted, stored_params
 from aria_jax.config import AriaConfig, ConfigError
 from aria_jax.safetensors_io import CheckpointError, open_checkpoint
@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_export(sub)
     cli_generate.add_parsers(sub)
+    demo.add_parser(sub)
     return parser
 
 

@@ -366,10 +366,11 @@ PRESETS: dict[str, AriaConfig] = {
         vision=AriaVisionConfig(),
         dtype="bfloat16",
     ),
-    # A few-kB model with every structural feature (GQA, 2 query counts, top-2 of 4 experts) for tests and demos.
+    # A small model with every structural feature (GQA, top-2 of 4 experts, two query counts) that takes real
+    # 490/980 px images cheaply (70 px patches): for tests and the offline demo.
     "tiny": AriaConfig(
         text=AriaTextConfig(
-            vocab_size=256,
+            vocab_size=512,
             hidden_size=64,
             intermediate_size=32,
             num_hidden_layers=2,
@@ -387,10 +388,10 @@ PRESETS: dict[str, AriaConfig] = {
             intermediate_size=48,
             num_hidden_layers=2,
             num_attention_heads=4,
-            image_size=56,
-            patch_size=14,
+            image_size=980,
+            patch_size=70,  # real 490/980 px images, cheaply
         ),
-        projector_patch_to_query=((4, 2), (16, 4)),
+        projector_patch_to_query=((49, 4), (196, 8)),
         dtype="float32",
     ),
 }
