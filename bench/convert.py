@@ -1,6 +1,6 @@
 """Conversion throughput and memory on a generated random Aria checkpoint, next to a plain read of the same files.
 
-    PYTHONPATH=. python bench/convert.py [--gb 2.2] [--workdir /tmp]
+    PYTHONPATH=. python bench/convert.py [--gb 2.2] [--workdir /tmp] [--dst-dir /dev/shm]
 
 Generates a random bfloat16 checkpoint (hub layout, ~1 GB shards) of at least ``--gb`` GB, then in fresh child
 processes (so none sees another's memory): (1) a plain sequential read of every shard in 64 MiB blocks,
@@ -203,10 +203,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=2.2, help="minimum checkpoint size in GB (default 2.2)")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where to generate (deleted afterwards)")
+    parser.add_argument("--dst-dir", default=None,
+                        help="where the copy and the conversion write (default: --workdir); e.g. /dev/shm to measure "
+                             "the converter rather than a disk whose sustained writes are slower than its reads")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="aria-convert-bench-", dir=args.workdir)
+    out_dir = tempfile.mkdtemp(prefix="aria-convert-bench-out-", dir=args.dst_dir) if args.dst_dir else work
     try:
-        src, dst = os.path.join(work, "src"), os.path.join(work, "dst")
+        src, dst = os.path.join(work, "src"), os.path.join(out_dir, "dst")
         os.makedirs(src)
         t = time.perf_counter()
         total, largest = generate(src, args.gb * 1e9)
@@ -219,6 +223,7 @@ def main() -> None:
             print(f"[{label}] {'PASS' if ok else 'FAIL'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
