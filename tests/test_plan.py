@@ -115,7 +115,7 @@ def test_too_small_hbm_does_not_fit_and_exits_1(tmp_path, capfd):
         (["--mesh", "expert=x"], "aria-jax plan: error: mesh 'expert=x': 'expert=x' is not AXIS=SIZE with a positive integer size"),
         (["--mesh", "pipe=2"], "aria-jax plan: error: mesh 'pipe=2': unknown axis 'pipe'; use data, expert, tensor"),
         (["--mesh", "expert=2", "--hbm", "80"], "aria-jax plan: error: --hbm '80': expected a positive size like 80GB, 95GB or 16GiB"),
-        (["--mesh", "expert=3"], "aria-jax plan: error: language_model.layers.mlp.gate_up: moe_num_experts=4 does not divide over mesh axis 'expert' of size 3 (use expert=1, 2, 4)"),
+        (["--mesh", "expert=3"], "aria-jax plan: error: language_model.layers.mlp.down: moe_num_experts=4 does not divide over mesh axis 'expert' of size 3 (use expert=1, 2, 4)"),
         (["--mesh", "data=2", "--batch", "3"], "aria-jax plan: error: --batch 3 does not divide over mesh axis 'data' of size 2"),
     ],
 )
