@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections import Counter
 
-from aria_jax import cli_generate, demo
+from aria_jax import cli_generate, demo, plan
 from aria_jax.checkpoint import is_converted, stored_params
 from aria_jax.config import AriaConfig, ConfigError
 from aria_jax.safetensors_io import CheckpointError, open_checkpoint
@@ -224,11 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     cli_generate.add_parsers(sub)
     demo.add_parser(sub)
+    plan.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `aria-jax plan` re-runs itself in a fresh process when JAX already started with too few devices
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
