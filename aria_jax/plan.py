@@ -97,7 +97,7 @@ def _path(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
-def abstract_tree(cfg: AriaConfig, dtype: jnp.dtype, mesh: Mesh) -> dict:
+def abstract_tree(cfg: AriaConfig, dtype: jnp.dtype, mesh: Mesh, fsdp: bool = False) -> dict:
     """The params as ShapeDtypeStructs with their target NamedShardings on ``mesh`` (one abstract init)."""
     from aria_jax.sharding import abstract_params
 
@@ -106,7 +106,7 @@ def abstract_tree(cfg: AriaConfig, dtype: jnp.dtype, mesh: Mesh) -> dict:
     flat = jax.tree_util.tree_leaves_with_path(shapes)
     leaves = []
     for (path, leaf), spec in zip(flat, flat_logical, strict=True):
-        sharding = NamedSharding(mesh, partition_spec(tuple(spec), leaf.shape, mesh, _path(path)))
+        sharding = NamedSharding(mesh, partition_spec(tuple(spec), leaf.shape, mesh, _path(path), fsdp))
         leaves.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding))
     return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
 
@@ -395,7 +395,7 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
         verdict("inference", analytic["total"], peak)
 
     if args.mode in ("train", "both"):
-        params = abstract_tree(cfg, jnp.float32, mesh)
+        params = abstract_tree(cfg, jnp.float32, mesh, getattr(args, "fsdp", False))
         pb = params_bytes(params)
         adam = 2 * pb["total"]
         copy = 0 if dtype == jnp.float32 else params_bytes(params, dtype.itemsize)["total"]
@@ -461,5 +461,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; inference params are stored in it too (bfloat16)")
     p.add_argument("--hbm", default="80GB", help="memory per device, e.g. 80GB, 95GB, 16GiB (80GB)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="training: also shard every weight (and its gradient and Adam state) over the data axis")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
     p.set_defaults(func=cmd_plan)

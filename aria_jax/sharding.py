@@ -73,8 +73,15 @@ def make_mesh(spec: str | Mesh | None, devices: list | None = None) -> Mesh | No
     )
 
 
-def partition_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
-    """The physical spec of one parameter; raises MeshError when a sharded dimension does not divide."""
+def partition_spec(
+    logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, where: str, fsdp: bool = False
+) -> PartitionSpec:
+    """The physical spec of one parameter; raises MeshError when a sharded dimension does not divide.
+
+    ``fsdp``: also split each parameter's largest remaining dimension that divides over the ``data`` axis (fully
+    sharded data parallel: weights, gradients and optimizer state no longer replicate over ``data``; XLA gathers
+    each layer's weights when it runs). The stacked ``layers`` axis is never split.
+    """
     physical = []
     for axis, size in zip(logical, shape, strict=True):
         target = RULES.get(axis) if axis else None
@@ -89,6 +96,12 @@ def partition_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh
                 f"(use {target}={options})"
             )
         physical.append(target)
+    ways = mesh.shape.get("data", 1)
+    if fsdp and ways > 1:
+        free = [i for i, (axis, size) in enumerate(zip(logical, shape, strict=True))
+                if physical[i] is None and axis != "layers" and size % ways == 0]
+        if free:
+            physical[max(free, key=lambda i: shape[i])] = "data"
     return PartitionSpec(*physical)
 
 
@@ -103,15 +116,18 @@ def abstract_params(cfg: AriaConfig, dtype: jnp.dtype) -> tuple[dict, dict]:
     return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
-def param_shardings(cfg: AriaConfig, mesh: Mesh | str) -> dict:
-    """The NamedSharding of every parameter (a tree shaped like the params) on ``mesh``."""
+def param_shardings(cfg: AriaConfig, mesh: Mesh | str, fsdp: bool = False) -> dict:
+    """The NamedSharding of every parameter (a tree shaped like the params) on ``mesh`` (``fsdp``: see above)."""
     mesh = make_mesh(mesh)
     shapes, logical = abstract_params(cfg, jnp.float32)
     flat_logical = jax.tree_util.tree_leaves_with_path(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
     flat_shapes = jax.tree_util.tree_leaves(shapes)
     shardings = [
         NamedSharding(
-            mesh, partition_spec(tuple(spec), leaf.shape, mesh, jax.tree_util.keystr(path, simple=True, separator="."))
+            mesh,
+            partition_spec(
+                tuple(spec), leaf.shape, mesh, jax.tree_util.keystr(path, simple=True, separator="."), fsdp
+            ),
         )
         for (path, spec), leaf in zip(flat_logical, flat_shapes, strict=True)
     ]

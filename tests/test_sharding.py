@@ -142,3 +142,19 @@ def test_convert_checks_the_mesh_before_writing(checkpoint, tmp_path, capsys):
     assert main(["convert", checkpoint("gqa", "hub"), str(tmp_path / "d"), "--mesh", "tensor=3", "--quiet"]) == 2
     assert "needs 3 devices, only 1 available" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_fsdp_splits_the_largest_free_dimension_over_data():
+    from types import SimpleNamespace
+
+    from aria_jax.sharding import partition_spec
+
+    mesh = SimpleNamespace(shape={"data": 4, "expert": 2, "tensor": 1})
+    # Not FSDP: only the rules apply.
+    assert tuple(partition_spec(("layers", "embed", "mlp"), (28, 2560, 3328), mesh, "w")) == (None, None, None)
+    # FSDP: the largest divisible dimension other than the stacked layers goes to data.
+    assert tuple(partition_spec(("layers", "embed", "mlp"), (28, 2560, 3328), mesh, "w", fsdp=True)) == (
+        None, None, "data")
+    assert tuple(partition_spec(("layers", "expert", "expert_embed", "expert_mlp"), (28, 64, 2560, 3330), mesh, "w",
+                                fsdp=True)) == (None, "expert", "data", None)  # 3330 does not divide by 4
+    assert tuple(partition_spec(("embed",), (6,), mesh, "norm", fsdp=True)) == (None,)  # nothing divides: replicated
