@@ -11,13 +11,14 @@ The routed experts have interchangeable backends selected by name:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.layers import Linear, param, silu, softmax
+from aria_jax.layers import Linear, lora_input, lora_pair, param, silu, softmax
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -35,22 +36,57 @@ def _swiglu(h: jax.Array) -> jax.Array:
     return silu(gate) * up
 
 
-def experts_ragged(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+Pair = tuple[jax.Array, jax.Array] | None
+
+
+class ExpertLora(NamedTuple):
+    """Per-expert LoRA: gate_up (a (E, D, r), b (E, r, 2F)) and down (a (E, F, r), b (E, r, D)); either may be None."""
+
+    gate_up: Pair = None
+    down: Pair = None
+    dropout: Callable[[jax.Array], jax.Array] = lambda x: x
+
+
+LoraArg = ExpertLora | None
+
+
+def merge_expert_lora(w: jax.Array, pair: Pair) -> jax.Array:
+    return w if pair is None else w + jnp.einsum("eir,ero->eio", pair[0], pair[1]).astype(w.dtype)
+
+
+def _ragged_lora(x: jax.Array, pair: Pair, group_sizes: jax.Array, dropout) -> jax.Array | int:
+    """The LoRA branch through the same grouped matmul: ``ragged_dot(ragged_dot(x, a), b)``."""
+    if pair is None:
+        return 0
+    a, b = pair
+    h = jax.lax.ragged_dot(dropout(x), a.astype(x.dtype), group_sizes)
+    return jax.lax.ragged_dot(h, b.astype(x.dtype), group_sizes)
+
+
+def experts_ragged(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
+) -> jax.Array:
     """Dropless routed experts: sort (token, slot) pairs by expert, grouped matmul, unsort, weighted sum over k."""
     t, k = ids.shape
     num_experts = gate_up.shape[0]
+    lora = lora or ExpertLora()
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)
-    h = jax.lax.ragged_dot(xs, gate_up, group_sizes)
-    ys = jax.lax.ragged_dot(_swiglu(h), down, group_sizes)
+    h = jax.lax.ragged_dot(xs, gate_up, group_sizes) + _ragged_lora(xs, lora.gate_up, group_sizes, lora.dropout)
+    act = _swiglu(h)
+    ys = jax.lax.ragged_dot(act, down, group_sizes) + _ragged_lora(act, lora.down, group_sizes, lora.dropout)
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
-def experts_dense(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+def experts_dense(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
+) -> jax.Array:
     """Reference: run every expert on every token and keep each token's k outputs (E times the work)."""
+    if lora is not None:  # LoRA merged into the expert weights (no LoRA dropout on this backend)
+        gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
     h = jnp.einsum("td,edf->tef", x, gate_up)
     y = jnp.einsum("tef,efd->ted", _swiglu(h), down)
     y = jnp.take_along_axis(y, ids[:, :, None], axis=1)  # (T, k, D)
@@ -58,17 +94,21 @@ def experts_dense(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax
 
 
 def experts_gather(
-    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
 ) -> jax.Array:
     """Per (token, slot): gather that expert's weights and apply them; no sort, no wasted expert."""
+    if lora is not None:  # LoRA merged into the expert weights (no LoRA dropout on this backend)
+        gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
     h = jnp.einsum("td,tkdf->tkf", x, jnp.take(gate_up, ids, axis=0))
     y = jnp.einsum("tkf,tkfd->tkd", _swiglu(h), jnp.take(down, ids, axis=0))
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
-def experts_auto(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+def experts_auto(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
+) -> jax.Array:
     small = ids.size <= gate_up.shape[0]  # static: decided from shapes at trace time
-    return (experts_gather if small else experts_ragged)(x, weights, ids, gate_up, down)
+    return (experts_gather if small else experts_ragged)(x, weights, ids, gate_up, down, lora)
 
 
 EXPERT_BACKENDS: dict[str, Callable[..., jax.Array]] = {
@@ -112,7 +152,9 @@ class MoE(nn.Module):
         down = param(self, "down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), self.dtype)
         tokens = x.reshape(-1, d)
         logits, weights, ids = route(tokens, router, cfg.moe_topk)
-        routed = EXPERT_BACKENDS[self.backend](tokens, weights, ids, gate_up, down).reshape(x.shape)
+        pairs = lora_pair(self, "gate_up"), lora_pair(self, "down")
+        lora = None if pairs == (None, None) else ExpertLora(*pairs, lambda v: lora_input(self, v))
+        routed = EXPERT_BACKENDS[self.backend](tokens, weights, ids, gate_up, down, lora).reshape(x.shape)
         shared = SharedExperts(cfg, self.dtype, name="shared_experts")(x)
         return routed + shared, logits
 
