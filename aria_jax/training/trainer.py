@@ -70,8 +70,8 @@ def load_model(cfg: TrainConfig) -> tuple[AriaConfig, dict, object | None]:
     return model.config, model.params, processor
 
 
-def build_loader(cfg: TrainConfig, config: AriaConfig, processor) -> tuple[D.Loader, int]:
-    if cfg.dataset_mixer is None:
+def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records) -> tuple[D.Loader, int]:
+    if records is None:
         seq = min(cfg.max_seq_length, 48)
         source = D.synthetic_source(config, cfg.synthetic_samples, seq, cfg.seed)
         pad_id, size = 0, cfg.synthetic_samples
@@ -79,7 +79,6 @@ def build_loader(cfg: TrainConfig, config: AriaConfig, processor) -> tuple[D.Loa
         if processor is None:
             raise RecipeError("config key 'model_name_or_path': the model directory has no tokenizer "
                               "(set tokenizer_path)")
-        records = D.load_datasets(cfg.dataset_mixer)
         encoder = D.JsonlEncoder(processor, cfg.max_image_size, cfg.split_image)
         source = D.build_source(records, encoder, cfg.max_seq_length)
         pad_id, size = processor.pad_token_id or 0, len(records)
@@ -89,6 +88,7 @@ def build_loader(cfg: TrainConfig, config: AriaConfig, processor) -> tuple[D.Loa
 
 def build(cfg: TrainConfig) -> Setup:
     check_mesh(cfg.mesh)
+    records = None if cfg.dataset_mixer is None else D.load_datasets(cfg.dataset_mixer)  # fail fast on bad data
     config, params, processor = load_model(cfg)
     module = AriaModel(config, moe_backend=cfg.moe_backend, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
                        remat=cfg.gradient_checkpointing)
@@ -113,7 +113,7 @@ def build(cfg: TrainConfig) -> Setup:
     bad = [i for i in cfg.freeze_llm_layers if not isinstance(i, int) or not 0 <= i < n_layers]
     if bad:
         raise RecipeError(f"config key 'freeze_llm_layers': layer {bad[0]!r} is not in 0..{n_layers - 1}")
-    loader, size = build_loader(cfg, config, processor)
+    loader, size = build_loader(cfg, config, processor, records)
     return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size)
 
 
