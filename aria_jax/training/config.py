@@ -91,6 +91,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             raise RecipeError(f"config key '{name}': expected an integer, got {value!r}")
         return value
     if kind.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RecipeError(f"config key '{name}': expected a number, got {value!r}")
         return float(value)
@@ -161,9 +166,8 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML recipe + ``key=value`` overrides -> a validated TrainConfig (relative paths resolved against the YAML)."""
+    """YAML recipe + ``key=value`` overrides -> a validated TrainConfig (paths relative to the working directory)."""
     raw: dict[str, Any] = {}
-    base = os.getcwd()
     if path is not None:
         try:
             with open(path) as f:
@@ -186,7 +190,6 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
     if values.get("resume_from_checkpoint") in ("false", "False", "no", ""):
         values["resume_from_checkpoint"] = False  # the shipped YAML's `false` must not become a path (#105)
     cfg = TrainConfig(**values)
-    del base
     _validate(cfg)
     return cfg
 
