@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,6 +27,47 @@ def param(
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+# LoRA hooks (aria_jax.training.lora): a pair ``{name}_a`` (..., in, r) / ``{name}_b`` (..., r, out) in the "lora"
+# collection adds ``dropout(x) @ a @ b`` to the matmul with parameter ``name``; b carries the alpha / r scale.
+LORA = "lora"
+_LORA_DROPOUT: contextvars.ContextVar[float] = contextvars.ContextVar("lora_dropout", default=0.0)
+
+
+@contextlib.contextmanager
+def lora_dropout(rate: float) -> Iterator[None]:
+    """Trace-time LoRA dropout rate (applied only when a "dropout" rng is given to ``apply``)."""
+    token = _LORA_DROPOUT.set(float(rate))
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT.reset(token)
+
+
+def lora_pair(module: nn.Module, name: str) -> tuple[jax.Array, jax.Array] | None:
+    if not module.has_variable(LORA, name + "_a"):
+        return None
+    return module.get_variable(LORA, name + "_a"), module.get_variable(LORA, name + "_b")
+
+
+def lora_input(module: nn.Module, x: jax.Array) -> jax.Array:
+    """Inverted dropout on a LoRA branch's input when a rate is set and a "dropout" rng is available."""
+    rate = _LORA_DROPOUT.get()
+    if rate <= 0.0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def lora_delta(module: nn.Module, name: str, x: jax.Array, n_in: int) -> jax.Array | int:
+    """``dropout(x) @ a @ b`` contracting the last ``n_in`` axes of x, or 0 without a LoRA pair for ``name``."""
+    pair = lora_pair(module, name)
+    if pair is None:
+        return 0
+    a, b = pair
+    h = jnp.tensordot(lora_input(module, x), a.astype(x.dtype), n_in)
+    return jnp.tensordot(h, b.astype(x.dtype), 1)
+
+
 class Linear(nn.Module):
     """``y = x @ kernel (+ bias)``; the kernel is [in, out] (a transposed torch ``nn.Linear`` weight)."""
 
@@ -36,7 +79,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = param(self, "kernel", (x.shape[-1], self.features), self.axes, self.dtype)
-        y = jnp.einsum("...i,io->...o", x, kernel)
+        y = jnp.einsum("...i,io->...o", x, kernel) + lora_delta(self, "kernel", x, 1)
         if self.use_bias:
             y = y + param(self, "bias", (self.features,), self.axes[1:], self.dtype, nn.initializers.zeros)
         return y

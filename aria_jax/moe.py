@@ -13,6 +13,7 @@ The routed experts have interchangeable backends selected by name:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,7 +22,7 @@ from jax.sharding import Mesh
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.expert_parallel import experts_expert_parallel
-from aria_jax.layers import Linear, param, silu, softmax
+from aria_jax.layers import Linear, lora_input, lora_pair, param, silu, softmax
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -39,22 +40,57 @@ def _swiglu(h: jax.Array) -> jax.Array:
     return silu(gate) * up
 
 
-def experts_ragged(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+Pair = tuple[jax.Array, jax.Array] | None
+
+
+class ExpertLora(NamedTuple):
+    """Per-expert LoRA: gate_up (a (E, D, r), b (E, r, 2F)) and down (a (E, F, r), b (E, r, D)); either may be None."""
+
+    gate_up: Pair = None
+    down: Pair = None
+    dropout: Callable[[jax.Array], jax.Array] = lambda x: x
+
+
+LoraArg = ExpertLora | None
+
+
+def merge_expert_lora(w: jax.Array, pair: Pair) -> jax.Array:
+    return w if pair is None else w + jnp.einsum("eir,ero->eio", pair[0], pair[1]).astype(w.dtype)
+
+
+def _ragged_lora(x: jax.Array, pair: Pair, group_sizes: jax.Array, dropout) -> jax.Array | int:
+    """The LoRA branch through the same grouped matmul: ``ragged_dot(ragged_dot(x, a), b)``."""
+    if pair is None:
+        return 0
+    a, b = pair
+    h = jax.lax.ragged_dot(dropout(x), a.astype(x.dtype), group_sizes)
+    return jax.lax.ragged_dot(h, b.astype(x.dtype), group_sizes)
+
+
+def experts_ragged(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
+) -> jax.Array:
     """Dropless routed experts: sort (token, slot) pairs by expert, grouped matmul, unsort, weighted sum over k."""
     t, k = ids.shape
     num_experts = gate_up.shape[0]
+    lora = lora or ExpertLora()
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)
-    h = jax.lax.ragged_dot(xs, gate_up, group_sizes)
-    ys = jax.lax.ragged_dot(_swiglu(h), down, group_sizes)
+    h = jax.lax.ragged_dot(xs, gate_up, group_sizes) + _ragged_lora(xs, lora.gate_up, group_sizes, lora.dropout)
+    act = _swiglu(h)
+    ys = jax.lax.ragged_dot(act, down, group_sizes) + _ragged_lora(act, lora.down, group_sizes, lora.dropout)
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
-def experts_dense(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+def experts_dense(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
+) -> jax.Array:
     """Reference: run every expert on every token and keep each token's k outputs (E times the work)."""
+    if lora is not None:  # LoRA merged into the expert weights (no LoRA dropout on this backend)
+        gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
     h = jnp.einsum("td,edf->tef", x, gate_up)
     y = jnp.einsum("tef,efd->ted", _swiglu(h), down)
     y = jnp.take_along_axis(y, ids[:, :, None], axis=1)  # (T, k, D)
@@ -62,16 +98,18 @@ def experts_dense(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax
 
 
 def experts_gather(
-    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
 ) -> jax.Array:
     """Per (token, slot): gather that expert's weights and apply them; no sort, no wasted expert."""
+    if lora is not None:  # LoRA merged into the expert weights (no LoRA dropout on this backend)
+        gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
     h = jnp.einsum("td,tkdf->tkf", x, jnp.take(gate_up, ids, axis=0))
     y = jnp.einsum("tkf,tkfd->tkd", _swiglu(h), jnp.take(down, ids, axis=0))
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
 def experts_blocked(
-    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
 ) -> jax.Array:
     """Sorted rows padded per expert to whole blocks; a scan runs each block through its one expert.
 
@@ -97,12 +135,21 @@ def experts_blocked(
     buffer = jnp.zeros((trash + 1, d), x.dtype).at[dest].set(jnp.take(x, order // k, axis=0))
     block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
 
+    lora = lora or ExpertLora()
+
+    def expert_matmul(rows, w, pair, expert):
+        pick = lambda a: jax.lax.dynamic_index_in_dim(a, expert, keepdims=False)  # noqa: E731
+        out = rows @ pick(w)
+        if pair is not None:  # the LoRA branch through the same block: (dropout(x) @ A[e]) @ B[e]
+            out = out + (lora.dropout(rows) @ pick(pair[0]).astype(rows.dtype)) @ pick(pair[1]).astype(rows.dtype)
+        return out
+
     def run_block(_, inputs):
         rows, expert = inputs
 
         def compute(rows, expert):
-            h = rows @ jax.lax.dynamic_index_in_dim(gate_up, expert, keepdims=False)
-            return _swiglu(h) @ jax.lax.dynamic_index_in_dim(down, expert, keepdims=False)
+            h = expert_matmul(rows, gate_up, lora.gate_up, expert)
+            return expert_matmul(_swiglu(h), down, lora.down, expert)
 
         out = jax.lax.cond(expert < num_experts, compute, lambda r, e: jnp.zeros_like(r), rows, expert)
         return None, out
@@ -114,11 +161,13 @@ def experts_blocked(
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
-def experts_auto(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
+def experts_auto(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
+) -> jax.Array:
     # Static choice, made from the platform at trace time (on CPU, blocked also beats gather at decode sizes).
     if jax.default_backend() == "cpu":
-        return experts_blocked(x, weights, ids, gate_up, down)
-    return experts_ragged(x, weights, ids, gate_up, down)
+        return experts_blocked(x, weights, ids, gate_up, down, lora)
+    return experts_ragged(x, weights, ids, gate_up, down, lora)
 
 
 EXPERT_BACKENDS: dict[str, Callable[..., jax.Array]] = {
@@ -169,15 +218,19 @@ class MoE(nn.Module):
         down = param(self, "down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), self.dtype)
         tokens = x.reshape(-1, d)
         logits, weights, ids = route(tokens, router, cfg.moe_topk)
+        pairs = lora_pair(self, "gate_up"), lora_pair(self, "down")
+        lora = None if pairs == (None, None) else ExpertLora(*pairs, lambda v: lora_input(self, v))
         if self.mesh is not None and self.mesh.shape.get("expert", 1) > 1:
             # Local experts need a backend that skips other shards' (token, slot) pairs: blocked or ragged.
             ragged = self.backend == "ragged" or (self.backend == "auto" and jax.default_backend() != "cpu")
             local = experts_ragged if ragged else experts_blocked
+            if lora is not None:  # LoRA merged into the expert weights under expert parallelism (no dropout)
+                gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
             routed = experts_expert_parallel(
                 tokens, weights, ids, gate_up, down, mesh=self.mesh, backend=local, schedule=self.ep_schedule
             )
         else:
-            routed = EXPERT_BACKENDS[self.backend](tokens, weights, ids, gate_up, down)
+            routed = EXPERT_BACKENDS[self.backend](tokens, weights, ids, gate_up, down, lora)
         routed = routed.reshape(x.shape)
         shared = SharedExperts(cfg, self.dtype, name="shared_experts")(x)
         return routed + shared, logits

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.layers import Linear, RMSNorm, masked_softmax, param
+from aria_jax.layers import LORA, Linear, RMSNorm, lora_delta, masked_softmax, param
 from aria_jax.moe import MoE
 
 KVCache = dict[str, jax.Array] | tuple  # {"k", "v"}: (L, B, S, kv_heads, head_dim) stacked, or () for none
@@ -55,9 +55,9 @@ class Attention(nn.Module):
         wk = param(self, "k_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
         wv = param(self, "v_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
         wo = param(self, "o_kernel", (nh, hd, d), ("q_heads", "head_dim", "embed"), self.dtype)
-        q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq), cos, sin)
-        k = apply_rope(jnp.einsum("btd,dkh->btkh", x, wk), cos, sin)
-        v = jnp.einsum("btd,dkh->btkh", x, wv)
+        q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq) + lora_delta(self, "q_kernel", x, 1), cos, sin)
+        k = apply_rope(jnp.einsum("btd,dkh->btkh", x, wk) + lora_delta(self, "k_kernel", x, 1), cos, sin)
+        v = jnp.einsum("btd,dkh->btkh", x, wv) + lora_delta(self, "v_kernel", x, 1)
         if cache:
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
@@ -69,7 +69,7 @@ class Attention(nn.Module):
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (hd**-0.5)
         probs = masked_softmax(scores, mask[:, :, None], x.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, nh, hd)
-        return jnp.einsum("btnh,nhd->btd", out, wo), cache
+        return jnp.einsum("btnh,nhd->btd", out, wo) + lora_delta(self, "o_kernel", out, 2), cache
 
 
 class DecoderLayer(nn.Module):
@@ -113,8 +113,8 @@ class TextDecoder(nn.Module):
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         self.layers = nn.scan(
             layer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, LORA: 0},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},

@@ -1,0 +1,251 @@
+"""Fine-tuning data: the original Aria JSONL format, dataset mixing, label masking, padded batches, resumable order.
+
+A line: ``{"messages": [{"role": "user"|"assistant"|"system", "content": [{"type": "text", "text": ...},
+{"type": "image"}]}], "images": ["relative/path.png", ...]}`` (``images`` in the order of the image items;
+text-only samples have none). Labels cover assistant turns only (their role header and image tokens excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from aria_jax.training.config import RecipeError
+from aria_jax.training.losses import IGNORE_INDEX
+
+
+@dataclasses.dataclass
+class Sample:
+    input_ids: np.ndarray  # (T,) int32
+    labels: np.ndarray  # (T,) int32, IGNORE_INDEX where not trained on
+    pixel_values: np.ndarray | None = None  # (N, 3, S, S) float32
+    pixel_mask: np.ndarray | None = None  # (N, S, S) bool
+
+
+@dataclasses.dataclass
+class Record:
+    messages: list[dict]
+    images: list[str]  # absolute paths, checked to exist inside the dataset directory
+    where: str  # "file:line" for messages
+
+
+def _image_items(messages: list[dict]) -> int:
+    return sum(
+        1 for m in messages if isinstance(m.get("content"), list)
+        for item in m["content"] if isinstance(item, dict) and item.get("type") == "image"
+    )
+
+
+def parse_line(line: str, root: str, where: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{where}: malformed JSON ({exc.msg})") from None
+    messages = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise RecipeError(f"{where}: 'messages' must be a non-empty list of messages")
+    for m in messages:
+        if m.get("role") not in ("user", "assistant", "system"):
+            raise RecipeError(f"{where}: unknown role {m.get('role')!r}")
+        if not isinstance(m.get("content"), list | str):
+            raise RecipeError(f"{where}: message content must be a list of items or a string")
+    if "video" in obj:
+        raise RecipeError(f"{where}: video samples are not supported")
+    images = obj.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise RecipeError(f"{where}: 'images' must be a list of paths")
+    if len(images) != _image_items(messages):
+        raise RecipeError(f"{where}: {_image_items(messages)} image item(s) but {len(images)} path(s) in 'images'")
+    real_root = os.path.realpath(root)
+    resolved = []
+    for rel in images:
+        path = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or os.path.commonpath([real_root, path]) != real_root:
+            raise RecipeError(f"{where}: image path '{rel}' escapes the dataset directory")
+        if not os.path.isfile(path):
+            raise RecipeError(f"{where}: image '{rel}' not found")
+        resolved.append(path)
+    return Record(messages, resolved, where)
+
+
+def read_jsonl(root: str) -> list[Record]:
+    path = os.path.join(root, "train.jsonl")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                records.append(parse_line(line, root, f"{path}:{number}"))
+    if not records:
+        raise RecipeError(f"{path}: no samples")
+    return records
+
+
+def mix(datasets: dict[str, list[Record]], weights: dict[str, float]) -> list[Record]:
+    """dataset_mixer: weight <= 1 keeps that leading fraction, > 1 repeats the dataset int(weight) times."""
+    out: list[Record] = []
+    for name, records in datasets.items():
+        w = weights[name]
+        out.extend(records[: max(1, int(w * len(records)))] if w <= 1 else records * int(w))
+    return out
+
+
+class JsonlEncoder:
+    """Record -> Sample with the processor: per-message chat template, images expanded, labels on assistant turns."""
+
+    def __init__(self, processor, max_image_size: int, split_image: bool):
+        self.processor = processor
+        self.max_image_size = max_image_size
+        self.split_image = split_image
+        tok = processor.tokenizer
+        self.header = {r: tok.encode(f"<|im_start|>{r}\n", add_special_tokens=False).ids for r in ("assistant",)}
+        self.image_token_id = processor._require_id(processor.image_token)
+
+    def __call__(self, record: Record) -> Sample:
+        from aria_jax.image_processor import load_image
+
+        ids, labels, pixels, masks = [], [], [], []
+        images = iter(record.images)
+        for message in record.messages:
+            text = self.processor.apply_chat_template([message])
+            n_img = _image_items([message])
+            imgs = [load_image(next(images)) for _ in range(n_img)]
+            enc = self.processor(text=text, images=imgs or None, max_image_size=self.max_image_size,
+                                 split_image=self.split_image, split_mode="original", add_special_tokens=False)
+            piece = enc["input_ids"][0].astype(np.int32)
+            lab = np.full_like(piece, IGNORE_INDEX)
+            if message["role"] == "assistant":
+                head = self.header["assistant"]
+                start = len(head) if list(piece[: len(head)]) == head else 0
+                lab[start:] = piece[start:]
+                lab[piece == self.image_token_id] = IGNORE_INDEX
+            ids.append(piece)
+            labels.append(lab)
+            if imgs:
+                pixels.append(enc["pixel_values"].astype(np.float32))
+                masks.append(enc["pixel_mask"].astype(bool))
+        return Sample(np.concatenate(ids), np.concatenate(labels),
+                      np.concatenate(pixels) if pixels else None, np.concatenate(masks) if masks else None)
+
+
+def truncate(sample: Sample, max_len: int, image_token_id: int) -> Sample | None:
+    """Cut to ``max_len`` tokens, or None when that would cut (or drop) any image's tokens."""
+    if len(sample.input_ids) <= max_len:
+        return sample
+    if np.any(sample.input_ids[max_len:] == image_token_id):
+        return None
+    return dataclasses.replace(sample, input_ids=sample.input_ids[:max_len], labels=sample.labels[:max_len])
+
+
+def _bucket(n: int, multiple: int, cap: int) -> int:
+    return min(cap, max(multiple, math.ceil(n / multiple) * multiple))
+
+
+def collate(samples: list[Sample], pad_id: int, max_len: int, pixel_shape: tuple[int, ...] | None) -> dict:
+    """Right-padded batch (length rounded up to a multiple of 32); images padded to a power-of-two count with
+    blank, fully valid images that no placeholder refers to (keeps jit shapes few and gradients finite)."""
+    t = _bucket(max(len(s.input_ids) for s in samples), 32, max_len)
+    b = len(samples)
+    batch = {
+        "input_ids": np.full((b, t), pad_id, np.int32),
+        "attention_mask": np.zeros((b, t), np.int32),
+        "labels": np.full((b, t), IGNORE_INDEX, np.int32),
+    }
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        batch["input_ids"][i, :n] = s.input_ids
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = s.labels
+    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
+    if pix:
+        values = np.concatenate(pix)
+        masks = np.concatenate([s.pixel_mask for s in samples if s.pixel_values is not None])
+        n = 1 << (len(values) - 1).bit_length()
+        pad = n - len(values)
+        batch["pixel_values"] = np.concatenate([values, np.zeros((pad, *values.shape[1:]), np.float32)])
+        batch["pixel_mask"] = np.concatenate([masks, np.ones((pad, *masks.shape[1:]), bool)])
+    return batch
+
+
+class Loader:
+    """Seeded epoch-wise shuffled order over a sample source; its position (``state``) is saved with checkpoints."""
+
+    def __init__(self, size: int, encode: Callable[[int], Sample | None], batch_size: int, seed: int,
+                 collate_fn: Callable[[list[Sample]], dict]):
+        self.size, self.encode, self.batch_size, self.seed = size, encode, batch_size, seed
+        self.collate_fn = collate_fn
+        self.state: dict[str, int] = {"epoch": 0, "position": 0, "dropped": 0, "samples": 0}
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return self._order[1]
+
+    def next_batch(self) -> dict:
+        samples: list[Sample] = []
+        misses = 0
+        while len(samples) < self.batch_size:
+            if self.state["position"] >= self.size:
+                self.state["epoch"] += 1
+                self.state["position"] = 0
+            index = int(self.order(self.state["epoch"])[self.state["position"]])
+            self.state["position"] += 1
+            sample = self.encode(index)
+            if sample is None:
+                self.state["dropped"] += 1
+                misses += 1
+                if misses > 2 * self.size:
+                    raise RecipeError("every sample is dropped: max_seq_length cuts through the images of all samples")
+                continue
+            samples.append(sample)
+        self.state["samples"] += len(samples)
+        return self.collate_fn(samples)
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.state["epoch"] + self.state["position"] / self.size
+
+
+def synthetic_source(cfg, n: int, seq_len: int, seed: int) -> Callable[[int], Sample]:
+    """Tiny learnable data for the random model: a fixed affine token walk after one image (one batch shape)."""
+    vocab = cfg.text.vocab_size
+    s = cfg.vision.image_size
+    nq = cfg.queries_for_patches((s // cfg.vision.patch_size) ** 2)
+    image_id = cfg.image_token_id
+
+    def encode(i: int) -> Sample:
+        rng = np.random.default_rng([seed, i])
+        ids = np.empty(seq_len, np.int32)
+        ids[0] = rng.integers(10, vocab)
+        for t in range(1, seq_len):
+            ids[t] = 10 + (ids[t - 1] * 7 + 3) % (vocab - 10)
+        labels = ids.copy()
+        labels[: seq_len // 4] = IGNORE_INDEX
+        ids = np.concatenate([np.full(nq, image_id, np.int32), ids])
+        labels = np.concatenate([np.full(nq, IGNORE_INDEX, np.int32), labels])
+        pixels = rng.standard_normal((1, 3, s, s)).astype(np.float32)
+        return Sample(ids, labels, pixels, np.ones((1, s, s), bool))
+
+    return encode
+
+
+def build_source(records: list[Record], encoder: JsonlEncoder, max_len: int) -> Callable[[int], Sample | None]:
+    def encode(i: int) -> Sample | None:
+        return truncate(encoder(records[i]), max_len, encoder.image_token_id)
+
+    return encode
+
+
+def load_datasets(mixer: dict[str, Any]) -> list[Record]:
+    return mix({p: read_jsonl(p) for p in mixer}, {p: float(w) for p, w in mixer.items()})
+
+
+def shift_valid(labels: np.ndarray) -> np.ndarray:
+    """Which positions count in the shifted LM loss (labels[:, 1:] not ignored)."""
+    return labels[:, 1:] != IGNORE_INDEX

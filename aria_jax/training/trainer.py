@@ -1,0 +1,277 @@
+"""The training loop: model + data setup, jitted micro-steps with gradient accumulation, logging, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from aria_jax.config import AriaConfig
+from aria_jax.model import AriaModel
+from aria_jax.training import checkpoint as ckpt
+from aria_jax.training import data as D
+from aria_jax.training import steps as S
+from aria_jax.training.config import RecipeError, TrainConfig
+from aria_jax.training.lora import init_lora, merge_lora, select_rules
+
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "tflops")
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: TrainConfig
+    config: AriaConfig
+    params: dict  # all base params (float32)
+    processor: object | None
+    module: AriaModel
+    trainable: dict  # nested: the parameters (or LoRA pairs) being optimised
+    frozen: dict  # nested: the rest of the base params (all of them under LoRA)
+    rules: list  # LoRA rules in use (empty for full fine-tuning)
+    loader: D.Loader
+    num_samples: int
+
+
+def check_mesh(mesh: str | None) -> None:
+    if mesh is None:
+        return
+    try:
+        import aria_jax.sharding  # noqa: F401
+    except ImportError:
+        raise RecipeError(f"config key 'mesh': '{mesh}' requested but aria_jax.sharding is not available yet; "
+                          "use mesh=null (one device)") from None
+    raise RecipeError(f"config key 'mesh': '{mesh}': mesh training is not wired into train.py yet; use mesh=null")
+
+
+def load_model(cfg: TrainConfig) -> tuple[AriaConfig, dict, object | None]:
+    from aria_jax.api import Aria
+    from aria_jax.config import ConfigError
+    from aria_jax.safetensors_io import CheckpointError
+
+    try:
+        if cfg.model_name_or_path is None:
+            model = Aria.from_config(AriaConfig.from_dict(cfg.model_config), seed=cfg.seed, dtype="float32")
+        else:
+            model = Aria.from_pretrained(cfg.model_name_or_path, dtype="float32")
+    except (ConfigError, CheckpointError) as exc:
+        raise RecipeError(str(exc).splitlines()[0]) from None
+    processor = model.processor
+    if cfg.tokenizer_path is not None:
+        from aria_jax.processor import AriaProcessor
+
+        processor = AriaProcessor.from_pretrained(cfg.tokenizer_path)
+    return model.config, model.params, processor
+
+
+def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records) -> tuple[D.Loader, int]:
+    if records is None:
+        seq = min(cfg.max_seq_length, 48)
+        source = D.synthetic_source(config, cfg.synthetic_samples, seq, cfg.seed)
+        pad_id, size = 0, cfg.synthetic_samples
+    else:
+        if processor is None:
+            raise RecipeError("config key 'model_name_or_path': the model directory has no tokenizer "
+                              "(set tokenizer_path)")
+        encoder = D.JsonlEncoder(processor, cfg.max_image_size, cfg.split_image)
+        source = D.build_source(records, encoder, cfg.max_seq_length)
+        pad_id, size = processor.pad_token_id or 0, len(records)
+    collate = lambda samples: D.collate(samples, pad_id, cfg.max_seq_length, None)
+    return D.Loader(size, source, cfg.per_device_train_batch_size, cfg.seed, collate), size
+
+
+def build(cfg: TrainConfig) -> Setup:
+    check_mesh(cfg.mesh)
+    records = None if cfg.dataset_mixer is None else D.load_datasets(cfg.dataset_mixer)  # fail fast on bad data
+    config, params, processor = load_model(cfg)
+    module = AriaModel(config, moe_backend=cfg.moe_backend, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
+                       remat=cfg.gradient_checkpointing)
+    frozen_parts = S.frozen_parts(cfg)
+    if cfg.use_peft:
+        try:
+            rules = select_rules(cfg.lora_target_modules, frozen_parts)
+        except ValueError as exc:
+            raise RecipeError(f"config key 'lora_target_modules': {exc}") from None
+        if not rules:
+            raise RecipeError("config key 'lora_target_modules': no LoRA target is in an unfrozen part of the model")
+        trainable = init_lora(params, rules, cfg.lora_r, jax.random.key(cfg.seed))
+        frozen = params
+    else:
+        rules = []
+        tr, fr = S.split_params(params, lambda p: S.part_of(p) not in frozen_parts)
+        if not tr:
+            raise RecipeError("config: freeze_vit, freeze_projector and freeze_llm freeze everything; "
+                              "nothing to train")
+        trainable, frozen = traverse_util.unflatten_dict(tr), traverse_util.unflatten_dict(fr)
+    n_layers = config.text.num_hidden_layers
+    bad = [i for i in cfg.freeze_llm_layers if not isinstance(i, int) or not 0 <= i < n_layers]
+    if bad:
+        raise RecipeError(f"config key 'freeze_llm_layers': layer {bad[0]!r} is not in 0..{n_layers - 1}")
+    loader, size = build_loader(cfg, config, processor, records)
+    return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size)
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard events in output_dir; on resume the JSONL is cut back to the restored step."""
+
+    def __init__(self, output_dir: str, resume_step: int | None):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if resume_step is None:
+            open(self.path, "w").close()
+        elif os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def micro_batches(loader: D.Loader, n: int) -> list[dict]:
+    return [loader.next_batch() for _ in range(n)]
+
+
+def make_step_fns(setup: Setup, total: int) -> tuple[Callable, Callable, Callable, dict]:
+    cfg, config = setup.cfg, setup.config
+    spec = S.LossSpec(
+        top_k=config.text.moe_topk, aux_coeff=cfg.moe_aux_loss_coeff, z_coeff=cfg.moe_z_loss_coeff,
+        grad_accum=cfg.gradient_accumulation_steps,
+        lora_scale=cfg.lora_alpha / cfg.lora_r if cfg.use_peft else None, lora_dropout=cfg.lora_dropout,
+        compute_dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
+    )
+    objective = S.make_objective(setup.module, spec)
+    grad_fn = jax.jit(jax.value_and_grad(objective, has_aux=True))
+    schedule = S.make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, total, math.ceil(cfg.warmup_ratio * total))
+    tx = S.make_optimizer(cfg, schedule, setup.trainable)
+    masks = S.layer_masks(traverse_util.flatten_dict(setup.trainable), cfg.freeze_llm_layers,
+                          config.text.num_hidden_layers)
+    update = jax.jit(S.make_update(tx, masks, schedule), donate_argnums=(0,))
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": setup.trainable, "opt_state": tx.init(setup.trainable)}
+    return grad_fn, update, add, state
+
+
+def train_step(setup: Setup, fns, state: dict, batches: list[dict], rng: jax.Array) -> tuple[dict, dict]:
+    """One optimizer step over ``len(batches)`` micro-batches; returns the new state and its metrics."""
+    grad_fn, update, add = fns
+    denom = jnp.float32(max(1, sum(int(np.sum(D.shift_valid(b["labels"]))) for b in batches)))
+    grads, totals = None, {"ce_sum": 0.0, "label_tokens": 0, "z_loss": 0.0, "aux_loss": 0.0, "objective": 0.0}
+    for i, batch in enumerate(batches):
+        (value, m), g = grad_fn(state["trainable"], setup.frozen, batch, jax.random.fold_in(rng, i), denom)
+        grads = g if grads is None else add(grads, g)
+        for k in ("ce_sum", "label_tokens", "z_loss", "aux_loss"):
+            totals[k] += m[k]
+        totals["objective"] += value
+    state, norm, lr = update(state, grads)
+    n = len(batches)
+    cfg = setup.cfg
+    z, aux = float(totals["z_loss"]) / n, float(totals["aux_loss"]) / n
+    lm = float(totals["ce_sum"]) / float(denom)
+    metrics = {"loss": float(totals["objective"]), "lm_loss": lm, "aux_loss": aux, "z_loss": z,
+               "weighted_aux": cfg.moe_aux_loss_coeff * aux + cfg.moe_z_loss_coeff * z,
+               "learning_rate": float(lr), "grad_norm": float(norm), "label_tokens": int(denom)}
+    return state, metrics
+
+
+def restore_or_init(setup: Setup, manager, state: dict) -> tuple[dict, int | None]:
+    cfg = setup.cfg
+    resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, os.path.join(cfg.output_dir, "checkpoints"))
+    if resume is None:
+        return state, None
+    directory, step = resume
+    same = os.path.abspath(directory) == os.path.abspath(str(manager.directory))
+    source = manager if same else ckpt.open_manager(directory, None)
+    step = source.latest_step() if step is None else step
+    if step is None:
+        if cfg.resume_from_checkpoint is True:
+            return state, None  # nothing saved yet: a fresh start
+        raise RecipeError(f"config key 'resume_from_checkpoint': no checkpoint found in {directory}")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, data_state = ckpt.restore(source, step, abstract)
+    setup.loader.state = {k: int(v) for k, v in data_state.items()}
+    return restored, step
+
+
+def export_final(setup: Setup, state: dict) -> None:
+    from aria_jax.training.export import export_adapter, export_hf
+
+    cfg = setup.cfg
+    trainable = jax.device_get(state["trainable"])
+    out = os.path.join(cfg.output_dir, "export")
+    if cfg.use_peft:
+        scale = cfg.lora_alpha / cfg.lora_r
+        merged = merge_lora(setup.frozen, trainable, scale, setup.rules)
+        export_adapter(trainable, setup.rules, cfg, os.path.join(out, "adapter"))
+    else:
+        merged = traverse_util.unflatten_dict({**traverse_util.flatten_dict(setup.frozen),
+                                               **traverse_util.flatten_dict(trainable)})
+    export_hf(merged, setup.config, os.path.join(out, "model"), cfg.model_name_or_path or cfg.tokenizer_path)
+
+
+def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Train as the recipe says; returns the last step's metrics."""
+    from tqdm import tqdm
+
+    setup = build(cfg)
+    total = S.total_steps(cfg, setup.num_samples)
+    grad_fn, update, add, state = make_step_fns(setup, total)
+    manager = ckpt.open_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.save_total_limit)
+    state, start = restore_or_init(setup, manager, state)
+    if start is not None:
+        log(f"resumed from step {start}")
+    metrics_log = MetricsLog(cfg.output_dir, start)
+    flat = traverse_util.flatten_dict(setup.params)
+    active = S.active_params(flat, setup.config.text.moe_topk, setup.config.text.moe_num_experts)
+    base_rng = jax.random.key(cfg.seed)
+    step = int(state["step"])
+    bar = tqdm(total=total, initial=step, disable=jax.process_index() != 0, desc="train")
+    metrics: dict = {}
+    while step < total:
+        t0 = time.perf_counter()
+        batches = micro_batches(setup.loader, cfg.gradient_accumulation_steps)
+        state, metrics = train_step(setup, (grad_fn, update, add), state, batches, jax.random.fold_in(base_rng, step))
+        step += 1
+        dt = time.perf_counter() - t0
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        padded = sum(b["input_ids"].size for b in batches)
+        metrics = {"step": step, "epoch": round(setup.loader.epoch_progress, 4), **metrics, "tokens": tokens,
+                   "dropped_samples": setup.loader.state["dropped"], "tokens_per_s": tokens / dt,
+                   "step_time_s": dt, "tflops": 6.0 * active * padded / dt / 1e12}
+        if step % cfg.logging_steps == 0 or step == total:
+            metrics_log.write(metrics)
+            bar.set_postfix(loss=f"{metrics['lm_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+        if step % cfg.save_steps == 0 or step == total:
+            ckpt.save(manager, step, state, dict(setup.loader.state))
+        bar.update(1)
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    metrics_log.close()
+    if cfg.export:
+        export_final(setup, state)
+    return metrics

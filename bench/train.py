@@ -1,0 +1,143 @@
+"""Training step throughput and peak memory: aria_jax next to transformers, same random mid-size Aria and batch.
+
+    python bench/train.py [--batch 2] [--seq 256] [--repeats 3]
+
+Float32 on CPU, full fine-tuning of the whole text model (vision frozen, text-only batch), AdamW step included,
+router losses on for aria_jax (they cost little) and off in transformers (it has none). Each side runs in its own
+subprocess so that its peak RSS (ru_maxrss) is its own; aria_jax is timed warm (compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import build_mid_checkpoint, print_table  # noqa: E402
+
+
+def _batch(vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(0).integers(10, vocab, (batch, seq)).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+
+
+def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from aria_jax import Aria
+    from aria_jax.model import AriaModel
+    from aria_jax.training import steps as S
+
+    model = Aria.from_pretrained(directory, dtype="float32")
+    cfg = model.config
+    trainable, frozen = S.split_params(model.params, lambda p: p[0] != "vision_tower")
+    from flax import traverse_util
+
+    trainable, frozen = traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+    spec = S.LossSpec(cfg.text.moe_topk, 1e-4, 1e-5, 1, None)
+    grad_fn = jax.jit(jax.value_and_grad(S.make_objective(AriaModel(cfg, moe_backend="ragged"), spec), has_aux=True))
+
+    class Opt:
+        adam_beta1, adam_beta2, adam_epsilon, weight_decay, max_grad_norm = 0.9, 0.95, 1e-8, 0.1, 1.0
+
+    schedule = S.make_schedule("constant", 1e-5, 10, 0)
+    tx = S.make_optimizer(Opt, schedule, trainable)
+    update = jax.jit(S.make_update(tx, {}, schedule), donate_argnums=(0,))
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    data = {k: jnp.asarray(v) for k, v in _batch(cfg.text.vocab_size, batch, seq).items()}
+    denom = jnp.float32(batch * (seq - 1))
+
+    def step(state):
+        (loss, _), grads = grad_fn(state["trainable"], frozen, data, jax.random.key(0), denom)
+        state, norm, _ = update(state, grads)
+        jax.block_until_ready(state)
+        return state, float(loss)
+
+    t0 = time.perf_counter()
+    state, _ = step(state)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, loss = step(state)
+        times.append(time.perf_counter() - t0)
+    return {"step_s": float(np.median(times)), "first_step_s": first, "loss": loss}
+
+
+def run_hf(directory: str, batch: int, seq: int, repeats: int) -> dict:
+    import torch
+    from transformers import AriaForConditionalGeneration
+
+    model = AriaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    model.set_attn_implementation("eager")
+    model.train()
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95),
+                            weight_decay=0.1)
+    data = {k: torch.as_tensor(v).long() for k, v in _batch(model.config.text_config.vocab_size, batch, seq).items()}
+
+    def step():
+        out = model(**data)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    return {"step_s": float(np.median(times)), "first_step_s": first, "loss": loss}
+
+
+def child(side: str, directory: str, batch: int, seq: int, repeats: int) -> None:
+    result = (run_jax if side == "jax" else run_hf)(directory, batch, seq, repeats)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=("jax", "hf"), help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.dir, args.batch, args.seq, args.repeats)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        build_mid_checkpoint(directory)
+        for side, name in (("hf", "transformers (eager, grouped_mm)"), ("jax", "aria_jax (jit, ragged_dot)")):
+            cmd = [sys.executable, __file__, "--child", side, "--dir", directory, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            tokens = args.batch * args.seq
+            rows.append({"implementation": name, "step s": f"{r['step_s']:.3f}",
+                         "tokens/s": f"{tokens / r['step_s']:.0f}", "first step s": f"{r['first_step_s']:.1f}",
+                         "peak RSS MB": f"{r['peak_rss_mb']:.0f}", "loss": f"{r['loss']:.4f}"})
+    print(f"batch {args.batch} x {args.seq} tokens, float32, CPU ({os.cpu_count()} cores)")
+    print_table(rows, ["implementation", "step s", "tokens/s", "first step s", "peak RSS MB", "loss"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Fine-tune Aria: ``python train.py --config configs/RECIPE.yaml [key=value ...]``.
+
+Keys are the original Aria recipe's (model_name_or_path, dataset_mixer, freeze_*, use_peft, lora_*, moe_*_coeff,
+learning_rate, ... ; see aria_jax/training/config.py). Exit status 2 with one line on a bad recipe or dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (configs/lora.yaml, configs/full.yaml, configs/tiny_cpu.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys (YAML values)")
+    args = parser.parse_args(argv)
+
+    from aria_jax.training.config import RecipeError, describe, load_config, save_resolved
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        print(describe(cfg), flush=True)
+        save_resolved(cfg, cfg.output_dir)
+        from aria_jax.training.trainer import run
+
+        metrics = run(cfg)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: step {metrics.get('step')} lm_loss {metrics.get('lm_loss', float('nan')):.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
