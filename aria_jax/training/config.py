@@ -69,7 +69,8 @@ class TrainConfig:
     resume_from_checkpoint: bool | str | None = None  # true: latest in output_dir; a path: that checkpoint
     export: bool = True
     seed: int = 42
-    mesh: str | None = None  # e.g. "data=2,expert=4"; needs aria_jax.sharding
+    mesh: str | None = None  # e.g. "data=2,expert=4": params sharded by aria_jax.sharding, experts in parallel
+    fsdp: bool = False  # with a mesh: also shard every weight, its gradient and Adam state over "data"
 
 
 SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")

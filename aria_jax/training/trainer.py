@@ -39,15 +39,27 @@ class Setup:
     num_samples: int
 
 
-def check_mesh(mesh: str | None) -> None:
-    if mesh is None:
-        return
+def make_train_mesh(spec: str | None):
+    """The recipe's mesh (None: one device); a bad spec is a recipe error naming the key."""
+    from aria_jax.sharding import MeshError, make_mesh
+
     try:
-        import aria_jax.sharding  # noqa: F401
-    except ImportError:
-        raise RecipeError(f"config key 'mesh': '{mesh}' requested but aria_jax.sharding is not available yet; "
-                          "use mesh=null (one device)") from None
-    raise RecipeError(f"config key 'mesh': '{mesh}': mesh training is not wired into train.py yet; use mesh=null")
+        return make_mesh(spec)
+    except MeshError as e:
+        raise RecipeError(f"config key 'mesh': {e}") from None
+
+
+def place(params: dict, config: AriaConfig, mesh, fsdp: bool) -> dict:
+    """Params onto the mesh with the sharding rules (and FSDP over data if asked); unchanged without a mesh."""
+    if mesh is None:
+        return params
+    from aria_jax.sharding import MeshError, param_shardings
+
+    try:
+        shardings = param_shardings(config, mesh, fsdp=fsdp)
+    except MeshError as e:
+        raise RecipeError(f"config key 'mesh': {e}") from None
+    return jax.device_put(params, shardings)
 
 
 def load_model(cfg: TrainConfig) -> tuple[AriaConfig, dict, object | None]:
@@ -87,11 +99,12 @@ def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records) -> tu
 
 
 def build(cfg: TrainConfig) -> Setup:
-    check_mesh(cfg.mesh)
+    mesh = make_train_mesh(cfg.mesh)
     records = None if cfg.dataset_mixer is None else D.load_datasets(cfg.dataset_mixer)  # fail fast on bad data
     config, params, processor = load_model(cfg)
+    params = place(params, config, mesh, cfg.fsdp)
     module = AriaModel(config, moe_backend=cfg.moe_backend, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
-                       remat=cfg.gradient_checkpointing)
+                       remat=cfg.gradient_checkpointing, mesh=mesh)
     frozen_parts = S.frozen_parts(cfg)
     if cfg.use_peft:
         try:
@@ -211,7 +224,7 @@ def restore_or_init(setup: Setup, manager, state: dict) -> tuple[dict, int | Non
         if cfg.resume_from_checkpoint is True:
             return state, None  # nothing saved yet: a fresh start
         raise RecipeError(f"config key 'resume_from_checkpoint': no checkpoint found in {directory}")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored, data_state = ckpt.restore(source, step, abstract)
     setup.loader.state = {k: int(v) for k, v in data_state.items()}
     return restored, step

@@ -1,0 +1,32 @@
+"""Training on 8-device meshes (virtual CPU devices, in subprocesses) equals training on one device."""
+
+import pytest
+from train_helpers import read_metrics, run_train
+
+ARGS = ["--config", "configs/tiny_cpu.yaml", "max_steps=4", "save_steps=100", "export=false"]
+ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+def _train(out, *extra):
+    result = run_train([*ARGS, f"output_dir={out}", *extra], ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(out)
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("one"))
+
+
+@pytest.mark.parametrize("mesh, fsdp", [
+    ("data=2,expert=2", "false"),
+    pytest.param("expert=4,tensor=2", "false", marks=pytest.mark.slow),
+    pytest.param("data=2,expert=2", "true", marks=pytest.mark.slow),
+])
+def test_mesh_training_equals_one_device(tmp_path, one_device, mesh, fsdp):
+    got = _train(tmp_path / "mesh", f"mesh={mesh}", f"fsdp={fsdp}")
+    assert len(got) == len(one_device) == 4
+    for a, b in zip(got, one_device, strict=True):
+        for key in ("loss", "lm_loss", "grad_norm", "aux_loss", "z_loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a, b)
+    assert one_device[-1]["lm_loss"] < one_device[0]["lm_loss"]
