@@ -7,7 +7,7 @@ The routed experts have interchangeable backends selected by name:
 - ``"blocked"``: sort, pad each expert's rows to a block multiple, and scan over the blocks, one expert each;
   no wasted expert FLOPs (``ragged_dot`` lowers to an E-times dense matmul on CPU), differentiable;
 - ``"dense"``: every expert on every token, combined with the routing weights; a simple reference for tests;
-- ``"auto"``: ``blocked`` on CPU, ``ragged`` elsewhere.
+- ``"auto"``: ``gather`` when tokens x top-k <= experts (decode); otherwise ``blocked`` on CPU, ``ragged`` elsewhere.
 """
 
 from __future__ import annotations
@@ -164,7 +164,10 @@ def experts_blocked(
 def experts_auto(
     x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
 ) -> jax.Array:
-    # Static choice, made from the platform at trace time (on CPU, blocked also beats gather at decode sizes).
+    # Static choices, from shapes and the platform at trace time. gather reads only the selected experts and has
+    # no inner loop (an inner loop over a layer's experts makes XLA copy that layer's expert weights first).
+    if ids.size <= gate_up.shape[0]:
+        return experts_gather(x, weights, ids, gate_up, down, lora)
     if jax.default_backend() == "cpu":
         return experts_blocked(x, weights, ids, gate_up, down, lora)
     return experts_ragged(x, weights, ids, gate_up, down, lora)
