@@ -17,13 +17,12 @@ import shutil
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from aria_jax.checkpoint import ParamWriter
 from aria_jax.config import AriaConfig
-from aria_jax.safetensors_io import DTYPES, CheckpointError, SafetensorsFile, open_checkpoint
-from aria_jax.weights import _IGNORED, Target, detect_layout, tensor_specs, to_hub_name
+from aria_jax.safetensors_io import DTYPES, CheckpointError, open_checkpoint
+from aria_jax.weights import Item, plan_tensors
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json")
 TOKENIZER_FILES = ("*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken")
@@ -106,54 +105,7 @@ def open_source(directory: str, allow_pickle: bool = False) -> dict:
     return tensors
 
 
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One source tensor and the parameters it fills."""
-
-    key: str
-    file: object
-    targets: list[Target]
-
-    @property
-    def nbytes(self) -> int:
-        return self.file.nbytes(self.key)
-
-
-def _position(item_key: str, reader) -> tuple[str, int]:
-    if isinstance(reader, SafetensorsFile):
-        return reader.path, reader._entries[item_key][2]
-    return reader.path, reader.order(item_key)
-
-
-def plan(tensors: dict, cfg: AriaConfig, where: str) -> tuple[str, list[Item]]:
-    """Check every tensor's name, shape and dtype against the config; (layout, items in file order)."""
-    layout = detect_layout(list(tensors), where)
-    specs = tensor_specs(cfg)
-    seen: dict[str, str] = {}
-    items = []
-    for key in sorted(tensors, key=lambda k: _position(k, tensors[k])):
-        reader = tensors[key]
-        name = to_hub_name(key, layout)
-        if _IGNORED.search(name):
-            continue
-        if name not in specs:
-            raise CheckpointError(f"{reader.path}: unexpected tensor '{key}' (not part of this Aria config)")
-        if name in seen:
-            raise CheckpointError(f"{reader.path}: tensor '{key}' appears twice (also as '{seen[name]}')")
-        seen[name] = key
-        shape, targets = specs[name]
-        if tuple(reader.shape(key)) != shape:
-            raise CheckpointError(
-                f"{reader.path}: tensor '{key}' has shape {list(reader.shape(key))}, config.json implies {list(shape)}"
-            )
-        if not jnp.issubdtype(reader.dtype(key), jnp.floating):
-            raise CheckpointError(f"{reader.path}: tensor '{key}' has non-float dtype {reader.dtype(key)}")
-        if targets:
-            items.append(Item(key, reader, targets))
-    missing = sorted(set(specs) - set(seen))
-    if missing:
-        raise CheckpointError(f"{where}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
-    return layout, items
+plan = plan_tensors  # (layout, items in file order), every name, shape and dtype checked first
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:

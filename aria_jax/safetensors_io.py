@@ -155,11 +155,6 @@ def open_checkpoint(directory: str | os.PathLike) -> dict[str, SafetensorsFile]:
     return tensors
 
 
-def iter_tensors(tensors: dict[str, SafetensorsFile]) -> Iterator[tuple[str, SafetensorsFile]]:
-    """Tensors grouped by file and in file order, so reads stream through each shard once."""
-    yield from sorted(tensors.items(), key=lambda kv: (kv[1].path, kv[1]._entries[kv[0]][2]))
-
-
 DTYPE_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 

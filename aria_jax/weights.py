@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aria_jax.config import AriaConfig
-from aria_jax.safetensors_io import CheckpointError, SafetensorsFile, iter_tensors, open_checkpoint
+from aria_jax.safetensors_io import CheckpointError, SafetensorsFile, open_checkpoint
 
 LAYOUTS = ("transformers5", "hub", "original")
 
@@ -260,6 +260,61 @@ def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One source tensor and the parameters it fills."""
+
+    key: str
+    file: object  # SafetensorsFile, or convert.PickleFile with --allow-pickle
+    targets: list[Target]
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.nbytes(self.key)
+
+
+def _position(key: str, reader) -> tuple[str, int]:
+    """File order: by file, then by offset (or the pickle's own order)."""
+    if isinstance(reader, SafetensorsFile):
+        return reader.path, reader._entries[key][2]
+    return reader.path, reader.order(key)
+
+
+def plan_tensors(tensors: dict, cfg: AriaConfig, where: str) -> tuple[str, list[Item]]:
+    """Check every tensor's name, shape and dtype against the config before anything is read.
+
+    Returns (layout, the tensors that fill parameters, in file order). Unexpected, duplicate, mis-shaped,
+    non-float and missing tensors fail with one message naming the tensor and its file.
+    """
+    layout = detect_layout(list(tensors), where)
+    specs = tensor_specs(cfg)
+    seen: dict[str, str] = {}
+    items = []
+    for key in sorted(tensors, key=lambda k: _position(k, tensors[k])):
+        reader = tensors[key]
+        name = to_hub_name(key, layout)
+        if _IGNORED.search(name):
+            continue
+        if name not in specs:
+            raise CheckpointError(f"{reader.path}: unexpected tensor '{key}' (not part of this Aria config)")
+        if name in seen:
+            raise CheckpointError(f"{reader.path}: tensor '{key}' appears twice (also as '{seen[name]}')")
+        seen[name] = key
+        shape, targets = specs[name]
+        if tuple(reader.shape(key)) != shape:
+            raise CheckpointError(
+                f"{reader.path}: tensor '{key}' has shape {list(reader.shape(key))}, config.json implies {list(shape)}"
+            )
+        if not jnp.issubdtype(reader.dtype(key), jnp.floating):
+            raise CheckpointError(f"{reader.path}: tensor '{key}' has non-float dtype {reader.dtype(key)}")
+        if targets:
+            items.append(Item(key, reader, targets))
+    missing = sorted(set(specs) - set(seen))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+    return layout, items
+
+
 def load_params(
     directory: str | os.PathLike, cfg: AriaConfig, param_shapes: dict, dtype: jnp.dtype, shardings: dict | None = None
 ) -> tuple[dict, str]:
@@ -270,9 +325,7 @@ def load_params(
     slice); stacked (scanned) parameters are filled layer by layer in place.
     """
     directory = os.fspath(directory)
-    tensors: dict[str, SafetensorsFile] = open_checkpoint(directory)
-    layout = detect_layout(list(tensors), directory)
-    specs = tensor_specs(cfg)
+    layout, items = plan_tensors(open_checkpoint(directory), cfg, directory)
     shapes = {
         tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes)
     }
@@ -281,30 +334,12 @@ def load_params(
         if shardings is not None
         else {}
     )
-    seen: set[str] = set()
     params: dict = {}
     stacked: dict[tuple[str, ...], jax.Array] = {}
     np_dtype = np.dtype(dtype)
-    for key, shard in iter_tensors(tensors):
-        name = to_hub_name(key, layout)
-        if _IGNORED.search(name):
-            continue
-        if name not in specs:
-            raise CheckpointError(f"{shard.path}: unexpected tensor '{key}' (not part of this Aria config)")
-        if name in seen:
-            raise CheckpointError(f"{shard.path}: tensor '{key}' appears twice (as '{name}')")
-        seen.add(name)
-        shape, targets = specs[name]
-        if shard.shape(key) != shape:
-            raise CheckpointError(
-                f"{shard.path}: tensor '{key}' has shape {list(shard.shape(key))}, config.json implies {list(shape)}"
-            )
-        if not targets:
-            continue
-        raw = shard.get(key)
-        if not jnp.issubdtype(raw.dtype, jnp.floating):
-            raise CheckpointError(f"{shard.path}: tensor '{key}' has non-float dtype {raw.dtype}")
-        for target in targets:
+    for item in items:
+        raw = item.file.get(item.key)
+        for target in item.targets:
             value = np.ascontiguousarray(target.transform(raw), dtype=np_dtype)
             sharding = placement.get(target.path)
             if target.layer is None:
@@ -318,9 +353,6 @@ def load_params(
             if target.path not in stacked:
                 stacked[target.path] = zeros()
             stacked[target.path] = set_layer(stacked[target.path], value, target.layer)
-    missing = sorted(set(specs) - seen)
-    if missing:
-        raise CheckpointError(f"{directory}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
     for path, value in stacked.items():
         _nested_set(params, path, value)
     return params, layout
