@@ -5,19 +5,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-# The chat template of the converted Hub checkpoint (transformers' convert_aria_weights_to_hf.py; aria-spec.md §5.3).
-ARIA_CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% elif message['content'] is iterable %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}"
-    "{% elif item['type'] == 'image' %}<fim_prefix><|img|><fim_suffix>{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from aria_jax.demo import ARIA_CHAT_TEMPLATE, SPECIAL_TOKENS
 
-# ids 0..9: <unk>=0, <s>=1, </s>=2, <|img|>=9 as in the real tokenizer
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<fim_prefix>", "<fim_suffix>", "<|im_start|>", "<|im_end|>", "<|reserved|>", "<|img|>"]
+# The real Aria chat template and special-token order (ids 0..9: <unk>=0, <s>=1, </s>=2, <|img|>=9); the processor
+# tests render it with transformers too, so its text is checked against the reference there.
+SPECIALS = SPECIAL_TOKENS
 
 CORPUS = [
     "describe the image in detail, please.",
