@@ -21,7 +21,7 @@ import numpy as np
 
 from aria_jax.checkpoint import ParamWriter
 from aria_jax.config import AriaConfig
-from aria_jax.safetensors_io import DTYPES, CheckpointError, open_checkpoint
+from aria_jax.safetensors_io import DTYPES, CheckpointError, index_tensors, open_checkpoint
 from aria_jax.weights import Item, plan_tensors
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json")
@@ -95,17 +95,7 @@ def open_source(directory: str, allow_pickle: bool = False) -> dict:
         raise CheckpointError(
             f"{first}: pickled checkpoint; pass --allow-pickle to load it with torch.load(weights_only=True)"
         )
-    tensors: dict = {}
-    for name in pickles:
-        reader = PickleFile(os.path.join(directory, name))
-        for key in reader.keys():
-            if key in tensors:
-                raise CheckpointError(f"{reader.path}: tensor '{key}' also appears in {tensors[key].path}")
-            tensors[key] = reader
-    return tensors
-
-
-plan = plan_tensors  # (layout, items in file order), every name, shape and dtype checked first
+    return index_tensors(PickleFile(os.path.join(directory, name)) for name in pickles)
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
@@ -225,7 +215,7 @@ def convert(
 
         param_shardings(cfg, mesh)  # fail now, not after writing, if the mesh cannot shard this model
     tensors = open_source(path, allow_pickle)
-    layout, items = plan(tensors, cfg, path)
+    layout, items = plan_tensors(tensors, cfg, path)  # every name, shape and dtype checked before writing
     summary = {"source": path, "layout": layout, "dtype": target_dtype.name, "tensors": len(items)}
     with staged_directory(dst, overwrite) as tmp:
         out_cfg = dataclasses.replace(cfg, dtype=target_dtype.name)

@@ -145,13 +145,17 @@ def open_checkpoint(directory: str | os.PathLike) -> dict[str, SafetensorsFile]:
         )
         hint = f" (found {pickles[0]}: pickled checkpoints are not loaded; convert to safetensors)" if pickles else ""
         raise CheckpointError(f"{directory}: no .safetensors files{hint}")
-    tensors = {}
-    for name in names:
-        shard = SafetensorsFile(os.path.join(directory, name))
-        for key in shard.keys():
+    return index_tensors(SafetensorsFile(os.path.join(directory, name)) for name in names)
+
+
+def index_tensors(files) -> dict:
+    """Tensor name -> the file (any reader with ``keys()`` and ``path``) holding it; a name in two files fails."""
+    tensors: dict = {}
+    for file in files:
+        for key in file.keys():
             if key in tensors:
-                raise CheckpointError(f"{shard.path}: tensor '{key}' also appears in {tensors[key].path}")
-            tensors[key] = shard
+                raise CheckpointError(f"{file.path}: tensor '{key}' also appears in {tensors[key].path}")
+            tensors[key] = file
     return tensors
 
 
