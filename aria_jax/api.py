@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aria_jax import param_layout
 from aria_jax.config import AriaConfig
 from aria_jax.generation import Decoder, GenerationStats, StopRule, stop_string_checker
 from aria_jax.model import AriaModel, check_image_token_count
@@ -72,8 +73,28 @@ def _load(path: str, config: AriaConfig, shapes: dict, dtype: jnp.dtype, mesh) -
     return load_params(path, config, shapes, dtype, shardings)[0]
 
 
+LAYOUTS = ("auto", "stacked", "unrolled")
+
+
+def resolve_layout(layout: str, mesh) -> str:
+    """``auto``: unrolled on one CPU device (weights read in place), stacked elsewhere (scan, meshes)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
+    if layout == "unrolled" and mesh is not None and mesh.size > 1:
+        raise ValueError("layout 'unrolled' runs on one device; use layout 'stacked' with a mesh")
+    if layout == "auto":
+        return "unrolled" if jax.default_backend() == "cpu" and (mesh is None or mesh.size == 1) else "stacked"
+    return layout
+
+
 class Aria:
-    """Aria for inference: ``Aria.from_pretrained(path)``, then ``forward``; ``params`` is a plain pytree."""
+    """Aria for inference: ``Aria.from_pretrained(path)``, then ``forward``; ``params`` is a plain pytree.
+
+    ``layout`` (aria_jax.param_layout): ``stacked`` runs the decoder layers with ``nn.scan``; ``unrolled`` keeps
+    one array per layer and per expert, which decodes several times faster on CPU. ``params`` always shows the
+    stacked (canonical) tree; under ``unrolled`` it is rebuilt on each access (a copy), ``run_params`` is the
+    tree the model really runs on.
+    """
 
     def __init__(
         self,
@@ -84,17 +105,26 @@ class Aria:
         processor=None,
         generation_config: dict | None = None,
         mesh=None,
+        layout: str = "auto",
     ):
         if moe_backend not in MOE_BACKENDS:
             raise ValueError(f"unknown moe_backend '{moe_backend}'; choose one of {', '.join(MOE_BACKENDS)}")
         self.config = config
-        self.params = params
+        self.layout = resolve_layout(layout, mesh)
+        unrolled = self.layout == "unrolled"
+        self.run_params = param_layout.unroll(params) if unrolled and not param_layout.is_unrolled(params) else params
+        del params
         self.dtype = resolve_dtype(dtype, config)
         self.mesh = mesh  # a jax.sharding.Mesh the params are placed on; its "expert" axis runs expert-parallel
-        self.module = AriaModel(config, moe_backend=moe_backend, dtype=self.dtype, mesh=mesh)
+        self.module = AriaModel(config, moe_backend=moe_backend, dtype=self.dtype, mesh=mesh, unrolled=unrolled)
         self.processor = processor
         self.generation_config = generation_config or {}
         self.last_stats: GenerationStats | None = None
+
+    @property
+    def params(self) -> dict:
+        """The stacked (canonical) parameter tree; a copy rebuilt from ``run_params`` under the unrolled layout."""
+        return param_layout.stack(self.run_params) if self.layout == "unrolled" else self.run_params
 
     @staticmethod
     def param_shapes(config: AriaConfig, dtype=jnp.float32, logical: bool = False) -> dict:
@@ -106,14 +136,16 @@ class Aria:
         return nn.unbox(boxed)
 
     @classmethod
-    def from_config(cls, config: AriaConfig, seed: int = 0, dtype=None, moe_backend: str = "auto") -> Aria:
+    def from_config(
+        cls, config: AriaConfig, seed: int = 0, dtype=None, moe_backend: str = "auto", layout: str = "auto"
+    ) -> Aria:
         """A randomly initialised model (normal(0.02) weights, unit norms), for tests, demos and benchmarks."""
         dtype = resolve_dtype(dtype, config)
         module = AriaModel(config, dtype=dtype)
         params = jax.jit(lambda key: nn.unbox(module.init(key, **example_inputs(config)))["params"])(
             jax.random.key(seed)
         )
-        return cls(config, params, dtype, moe_backend)
+        return cls(config, params, dtype, moe_backend, layout=layout)
 
     @classmethod
     def from_pretrained(
@@ -123,6 +155,7 @@ class Aria:
         mesh=None,
         moe_backend: str = "auto",
         revision: str | None = None,
+        layout: str = "auto",
     ) -> Aria:
         """Load an HF-format safetensors directory in any of Aria's key layouts, a converted directory, or a hub id.
 
@@ -137,7 +170,8 @@ class Aria:
 
         mesh = make_mesh(mesh)
         params = _load(path, config, cls.param_shapes(config, dtype), dtype, mesh)
-        return cls(config, params, dtype, moe_backend, load_processor(path), read_generation_config(path), mesh)
+        return cls(config, params, dtype, moe_backend, load_processor(path), read_generation_config(path), mesh,
+                   layout)
 
     @functools.cached_property
     def _forward(self):
@@ -159,7 +193,7 @@ class Aria:
             self._check_pixels(input_ids, pixel_values, pixel_mask)
             if pixel_mask is not None:
                 pixel_mask = np.asarray(pixel_mask, dtype=bool)
-        return self._forward(self.params, input_ids, attention_mask, pixel_values, pixel_mask)
+        return self._forward(self.run_params, input_ids, attention_mask, pixel_values, pixel_mask)
 
     def _check_ids(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -241,7 +275,8 @@ class Aria:
             stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
             stop_check = stop_string_checker(lambda t: self.processor.decode(t, skip_special_tokens=False), stops)
         return dict(
-            params=self.params, input_ids=ids, attention_mask=mask, pixel_values=pixel_values, pixel_mask=pixel_mask,
+            params=self.run_params, input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
+            pixel_mask=pixel_mask,
             sampling=SamplingConfig(bool(do_sample), float(temperature), top_k, float(top_p)),
             rule=self._stop_rule(max_new_tokens, min_new_tokens, eos_token_id, ids.shape[1]),
             seed=int(seed), stop_check=stop_check,

@@ -107,7 +107,7 @@ def run(workdir: str | None = None, max_new_tokens: int = 16, out=print) -> str:
         summary = convert(hf_dir, converted, progress=False)
         out(f"2. converted {summary['tensors']} tensors ({summary['layout']} layout) to {converted}")
         model = Aria.from_pretrained(converted)
-        out(f"3. loaded it: {sum(x.size for x in jax.tree.leaves(model.params)):,} parameters")
+        out(f"3. loaded it: {sum(x.size for x in jax.tree.leaves(model.run_params)):,} parameters")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}]
         prompt = model.processor.apply_chat_template(messages, add_generation_prompt=True)
         out(f"4. prompt: {prompt!r} + a {demo_image().size[0]}x{demo_image().size[1]} image at 490 px")

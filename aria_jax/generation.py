@@ -95,7 +95,7 @@ class Decoder:
                       cache_len: int, sampling: SamplingConfig, rule: StopRule) -> State:
         b, p = input_ids.shape
         positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        cache = init_cache(self.module.config.text, b, cache_len, self.module.dtype)
+        cache = init_cache(self.module.config.text, b, cache_len, self.module.dtype, self.module.unrolled)
         mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
         logits, _, cache = self.module.apply(
             {"params": params}, input_ids, mask, pixel_values, pixel_mask, positions=positions,

@@ -8,11 +8,15 @@ The routed experts have interchangeable backends selected by name:
   no wasted expert FLOPs (``ragged_dot`` lowers to an E-times dense matmul on CPU), differentiable;
 - ``"dense"``: every expert on every token, combined with the routing weights; a simple reference for tests;
 - ``"auto"``: ``gather`` when tokens x top-k <= experts (decode); otherwise ``blocked`` on CPU, ``ragged`` elsewhere.
+
+With ``split_experts`` (the unrolled inference layout, aria_jax.param_layout) every expert's weights are their own
+arrays and ``experts_split`` runs them: XLA reads a separate parameter in place, while any slice of a stacked
+(E, ...) array, static or dynamic, is copied first on CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -161,6 +165,45 @@ def experts_blocked(
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
+def split_block(rows: int, num_experts: int) -> int:
+    """Rows per matmul in ``experts_split``: 1 (a matvec loop) up to two rows per expert, else a power of two."""
+    per_expert = -(-rows // num_experts)
+    return 1 if per_expert <= 2 else int(min(256, 1 << (per_expert - 1).bit_length()))
+
+
+def experts_split(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: Sequence[jax.Array], down: Sequence[jax.Array]
+) -> jax.Array:
+    """Routed experts with one (D, 2F) / (F, D) array per expert: no weight is copied, no FLOP wasted.
+
+    The (token, slot) pairs are sorted by expert; each expert runs its own rows through its own arrays in blocks
+    of ``split_block`` rows (a loop whose trip count is that expert's row count, zero for an unused expert).
+    """
+    t, k = ids.shape
+    num_experts, d = len(gate_up), x.shape[-1]
+    n = t * k
+    block = split_block(n, num_experts)
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts)
+    starts = jnp.cumsum(sizes) - sizes
+    rows = jnp.concatenate([jnp.take(x, order // k, axis=0), jnp.zeros((block, d), x.dtype)])  # + slack
+    out = jnp.zeros_like(rows)
+    for e in range(num_experts):
+
+        def run_block(j, out, e=e):
+            start = starts[e] + j * block
+            y = _swiglu(jax.lax.dynamic_slice_in_dim(rows, start, block) @ gate_up[e]) @ down[e]
+            if block > 1:  # the last block's tail belongs to the next expert: keep what is there
+                mine = j * block + jnp.arange(block) < sizes[e]
+                y = jnp.where(mine[:, None], y, jax.lax.dynamic_slice_in_dim(out, start, block))
+            return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, axis=0)
+
+        out = jax.lax.fori_loop(0, (sizes[e] + block - 1) // block, run_block, out)
+    y = jnp.zeros((n, d), out.dtype).at[order].set(out[:n], unique_indices=True).reshape(t, k, d)
+    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+
+
 def experts_auto(
     x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
 ) -> jax.Array:
@@ -208,6 +251,7 @@ class MoE(nn.Module):
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None
     ep_schedule: str = "auto"
+    split_experts: bool = False  # one array per expert (``gate_up_{e}``, ``down_{e}``): the unrolled inference layout
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -217,10 +261,17 @@ class MoE(nn.Module):
             raise ValueError(f"unknown MoE backend '{self.backend}'; choose one of {', '.join(EXPERT_BACKENDS)}")
         e, d, f = cfg.moe_num_experts, cfg.hidden_size, cfg.intermediate_size
         router = param(self, "router_kernel", (d, e), ("embed", "expert_router"), self.dtype)
-        gate_up = param(self, "gate_up", (e, d, 2 * f), ("expert", "expert_embed", "expert_mlp"), self.dtype)
-        down = param(self, "down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), self.dtype)
         tokens = x.reshape(-1, d)
         logits, weights, ids = route(tokens, router, cfg.moe_topk)
+        if self.split_experts:
+            gate_up = [param(self, f"gate_up_{i}", (d, 2 * f), ("expert_embed", "expert_mlp"), self.dtype)
+                       for i in range(e)]
+            down = [param(self, f"down_{i}", (f, d), ("expert_mlp", "expert_embed"), self.dtype) for i in range(e)]
+            routed = experts_split(tokens, weights, ids, gate_up, down)
+            shared = SharedExperts(cfg, self.dtype, name="shared_experts")(x)
+            return routed.reshape(x.shape) + shared, logits
+        gate_up = param(self, "gate_up", (e, d, 2 * f), ("expert", "expert_embed", "expert_mlp"), self.dtype)
+        down = param(self, "down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), self.dtype)
         pairs = lora_pair(self, "gate_up"), lora_pair(self, "down")
         lora = None if pairs == (None, None) else ExpertLora(*pairs, lambda v: lora_input(self, v))
         if self.mesh is not None and self.mesh.shape.get("expert", 1) > 1:

@@ -11,7 +11,8 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.layers import LORA, Linear, RMSNorm, lora_delta, masked_softmax, param
 from aria_jax.moe import MoE
 
-KVCache = dict[str, jax.Array] | tuple  # {"k", "v"}: (L, B, S, kv_heads, head_dim) stacked, or () for none
+# {"k", "v"}: (L, B, S, kv_heads, head_dim) stacked; per-layer {"k", "v"} tuple when unrolled; () for none
+KVCache = dict[str, jax.Array] | tuple
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -79,6 +80,7 @@ class DecoderLayer(nn.Module):
     moe_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None
+    split_experts: bool = False
 
     @nn.compact
     def __call__(
@@ -89,18 +91,25 @@ class DecoderLayer(nn.Module):
         attn, cache = Attention(cfg, self.dtype, name="self_attn")(h, cos, sin, mask, cache, index)
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x)
-        out, router_logits = MoE(cfg, self.moe_backend, self.dtype, self.mesh, name="mlp")(h)
+        moe = MoE(cfg, self.moe_backend, self.dtype, self.mesh, split_experts=self.split_experts, name="mlp")
+        out, router_logits = moe(h)
         return x + out, (router_logits, cache)
 
 
 class TextDecoder(nn.Module):
-    """Embedded inputs (B, T, D) -> logits (B, T, V) and per-layer router logits (L, B*T, E)."""
+    """Embedded inputs (B, T, D) -> logits (B, T, V) and per-layer router logits (L, B*T, E).
+
+    The layers are one ``nn.scan`` over stacked parameters (``layers``), or, with ``unrolled`` (the inference
+    layout of aria_jax.param_layout), ``layers_0`` ... ``layers_{L-1}`` with one array per expert, so no layer's
+    weights are sliced out of a stack (XLA copies such slices on CPU).
+    """
 
     config: AriaTextConfig
     moe_backend: str = "auto"
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     mesh: Mesh | None = None
+    unrolled: bool = False
 
     def setup(self):
         cfg = self.config
@@ -111,14 +120,20 @@ class TextDecoder(nn.Module):
             self.dtype,
         )
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-        self.layers = nn.scan(
-            layer,
-            variable_axes={"params": 0, LORA: 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-            length=cfg.num_hidden_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.moe_backend, self.dtype, self.mesh)
+        if self.unrolled:
+            self.layer_list = [
+                layer(cfg, self.moe_backend, self.dtype, self.mesh, split_experts=True, name=f"layers_{i}")
+                for i in range(cfg.num_hidden_layers)
+            ]
+        else:
+            self.layers = nn.scan(
+                layer,
+                variable_axes={"params": 0, LORA: 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, self.moe_backend, self.dtype, self.mesh)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype)
         self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, self.dtype)
 
@@ -142,15 +157,27 @@ class TextDecoder(nn.Module):
         cfg = self.config
         b, t, _ = embeds.shape
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, embeds.dtype)
-        kv_len = cache["k"].shape[2] if cache else t
+        kv_len = (cache[0]["k"].shape[1] if self.unrolled else cache["k"].shape[2]) if cache else t
         mask = causal_mask(attention_mask, b, t, kv_len, 0 if index is None else index)
-        x, (router_logits, cache) = self.layers(embeds, cos, sin, mask, cache, index)
+        if self.unrolled:
+            x, router_logits, caches = embeds, [], []
+            for i, layer in enumerate(self.layer_list):
+                x, (logits_i, cache_i) = layer(x, cos, sin, mask, cache[i] if cache else (), index)
+                router_logits.append(logits_i)
+                caches.append(cache_i)
+            router_logits, cache = jnp.stack(router_logits), tuple(caches) if cache else ()
+        else:
+            x, (router_logits, cache) = self.layers(embeds, cos, sin, mask, cache, index)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)), router_logits, cache
 
 
-def init_cache(cfg: AriaTextConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
-    """A zeroed KV cache for every layer: k and v of shape (L, B, length, kv_heads, head_dim)."""
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+def init_cache(cfg: AriaTextConfig, batch: int, length: int, dtype: jnp.dtype, unrolled: bool = False) -> KVCache:
+    """A zeroed KV cache for every layer: k and v of shape (L, B, length, kv_heads, head_dim), or with
+    ``unrolled`` a tuple of L per-layer {"k", "v"} of shape (B, length, kv_heads, head_dim)."""
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    if unrolled:
+        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers))
+    shape = (cfg.num_hidden_layers, *shape)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

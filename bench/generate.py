@@ -1,10 +1,13 @@
-"""Decode tokens/s at batch 1 and 8 and image prefill latency: aria_jax next to transformers, one run.
+"""Decode tokens/s at batch 1 and 8 and image prefill latency: aria_jax next to transformers and the floors, one run.
 
     python bench/generate.py [--new-tokens 32] [--prompt 64] [--repeats 3]
 
 Same random mid-size Aria for both (bench/common.py), float32, CPU. transformers runs eager attention and its
 default (grouped_mm) experts; its decode rate is (time of N+1 new tokens - time of 1) / N, so the prefill is
-excluded on both sides. aria_jax is timed warm (compiled), as a serving loop runs.
+excluded on both sides. aria_jax is timed warm (compiled), as a serving loop runs. The floors (bench/roofline.py)
+use this machine's bandwidth and matmul rate measured in the same run: a decode step's floor is the bytes it reads
+(with the experts its tokens were really routed to, counted from the router on the generated sequence) over the
+bandwidth; the prefill's is its useful FLOPs over the matmul rate.
 """
 
 from __future__ import annotations
@@ -18,7 +21,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import roofline  # noqa: E402
 from common import MID_P2Q, build_mid_checkpoint, print_table, timeit  # noqa: E402
+
+
+def distinct_experts(model, ids: np.ndarray, first: int) -> float:
+    """Mean number of distinct experts per layer that one decode step's batch uses, for positions >= first."""
+    import jax
+
+    _, router_logits, _ = model.module.apply({"params": model.run_params}, ids)
+    k = model.config.text.moe_topk
+    layers, _, experts = router_logits.shape
+    top = np.asarray(jax.lax.top_k(router_logits, k)[1]).reshape(layers, ids.shape[0], ids.shape[1], k)
+    counts = [len(np.unique(top[layer, :, pos])) for layer in range(layers) for pos in range(first, ids.shape[1])]
+    return float(np.mean(counts))
 
 
 def main() -> None:
@@ -26,6 +42,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64, help="text prompt length")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layout", default="auto", help="aria_jax parameter layout: auto, unrolled or stacked")
     args = parser.parse_args()
 
     import jax
@@ -34,11 +51,12 @@ def main() -> None:
     from aria_jax import Aria
 
     n = args.new_tokens
+    bandwidth, matmul_rate = roofline.measure_bandwidth(), roofline.measure_matmul()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as directory:
         hf = build_mid_checkpoint(directory)
         hf.set_attn_implementation("eager")
-        ours = Aria.from_pretrained(directory, dtype="float32")
+        ours = Aria.from_pretrained(directory, dtype="float32", layout=args.layout)
     vocab = hf.config.text_config.vocab_size
     rows = []
     for batch in (1, 8):
@@ -54,14 +72,18 @@ def main() -> None:
         hf_s = (timeit(lambda: hf_gen(n + 1), args.repeats) - timeit(lambda: hf_gen(1), args.repeats)) / n
         decode_s = []
         for _ in range(args.repeats + 1):
-            ours.generate(ids, mask, max_new_tokens=n + 1, min_new_tokens=n + 1)
+            new = ours.generate(ids, mask, max_new_tokens=n + 1, min_new_tokens=n + 1)
             decode_s.append(ours.last_stats.decode_s / n)
         ours_s = float(np.median(decode_s[1:]))
+        experts = distinct_experts(ours, np.concatenate([ids, new[:, :n]], axis=1), args.prompt)
+        floor_s = roofline.decode_bytes(ours.config, batch, experts, args.prompt + n / 2) / bandwidth
         rows.append({
             "benchmark": f"decode, batch {batch}",
             "transformers tok/s": f"{batch / hf_s:.1f}",
             "aria_jax tok/s": f"{batch / ours_s:.1f}",
             "ratio": f"{hf_s / ours_s:.2f}x",
+            "floor": f"{batch / floor_s:.0f} tok/s ({experts:.1f} experts/layer)",
+            "aria_jax / floor": roofline.fraction(floor_s, ours_s),
         })
 
     # Image prefill: one 490px image (128 tokens) + text, time to the first token's logits.
@@ -82,15 +104,23 @@ def main() -> None:
     hf_ms = 1000 * timeit(hf_prefill, args.repeats)
     ours_prefill()
     ours_ms = float(np.median([ours_prefill() for _ in range(args.repeats)]))
+    cfg = ours.config
+    flops = roofline.vision_flops(cfg, 1, patches) + roofline.text_flops(cfg, img_ids.shape[1], img_ids.shape[1], 1)
+    floor_ms = 1000 * flops / matmul_rate
     rows.append({
         "benchmark": "image prefill (490px + 32 text)",
         "transformers ms": f"{hf_ms:.1f}",
         "aria_jax ms": f"{ours_ms:.1f}",
         "ratio": f"{hf_ms / ours_ms:.2f}x",
+        "floor": f"{floor_ms:.0f} ms ({flops / 1e9:.1f} GFLOP)",
+        "aria_jax / floor": roofline.fraction(floor_ms, ours_ms),
     })
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); ratio = transformers time / aria_jax time")
-    print_table(rows, ["benchmark", "transformers tok/s", "aria_jax tok/s", "transformers ms", "aria_jax ms", "ratio"])
+          f"({torch.get_num_threads()} threads); ratio = transformers time / aria_jax time; layout {ours.layout}")
+    print(f"measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s (copy), "
+          f"float32 matmul {matmul_rate / 1e9:.0f} GFLOP/s")
+    print_table(rows, ["benchmark", "transformers tok/s", "aria_jax tok/s", "transformers ms", "aria_jax ms", "ratio",
+                       "floor", "aria_jax / floor"])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 from conftest import rel_err
 from hf_models import CONFIGS
 
-from aria_jax.moe import EXPERT_BACKENDS, MoE, route
+from aria_jax.moe import EXPERT_BACKENDS, MoE, experts_split, route, split_block
 
 
 def layer_params(model, i):
@@ -41,6 +41,21 @@ def test_moe_layer_matches_transformers(name, backend, hf_model, aria_model):
     assert rel_err(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_split_expert_layout_matches_transformers(name, hf_model, aria_model):
+    """The unrolled inference layout: one array per expert (``gate_up_{e}``), run by ``experts_split``."""
+    model = aria_model(name)
+    assert model.layout == "unrolled"  # the default on one CPU device
+    mlp = hf_model(name).model.language_model.layers[1].mlp
+    params = model.run_params["language_model"]["layers_1"]["mlp"]
+    for t in (1, 4, 37):  # matvec blocks (<= 2 rows per expert) and multi-row blocks
+        x = np.random.default_rng(t).standard_normal((2, t, model.config.text.hidden_size)).astype(np.float32)
+        with torch.no_grad():
+            ref = mlp(torch.as_tensor(x)).numpy()
+        out, _ = MoE(model.config.text, split_experts=True).apply({"params": params}, x)
+        assert rel_err(out, ref) <= 1e-5, t
+
+
 def test_ragged_handles_empty_experts_and_one_token():
     """Dropless with idle experts: all tokens routed to a subset, and a single token."""
     rng = np.random.default_rng(14)
@@ -60,6 +75,24 @@ def test_ragged_handles_empty_experts_and_one_token():
                 ref[ti] += weights[ti, j] * (a @ down[ids[ti, j]])
         for name, backend in EXPERT_BACKENDS.items():
             assert rel_err(backend(x, weights, ids, gate_up, down), ref) <= 1e-5, name
+        assert rel_err(experts_split(x, weights, ids, list(gate_up), list(down)), ref) <= 1e-5
+
+
+def test_split_blocks_cover_every_row():
+    """experts_split with blocks of 1, 2^n rows and idle experts equals the dense reference for many sizes."""
+    rng = np.random.default_rng(16)
+    e, d, f, k = 7, 8, 4, 3
+    gate_up = rng.standard_normal((e, d, 2 * f)).astype(np.float32)
+    down = rng.standard_normal((e, f, d)).astype(np.float32)
+    blocks = set()
+    for t in (1, 3, 5, 6, 17, 64, 300):
+        x = rng.standard_normal((t, d)).astype(np.float32)
+        ids = np.stack([rng.permutation(e - 2)[:k] for _ in range(t)])  # the last two experts idle
+        weights = rng.uniform(size=(t, k)).astype(np.float32)
+        ref = EXPERT_BACKENDS["dense"](x, weights, ids, gate_up, down)
+        assert rel_err(experts_split(x, weights, ids, list(gate_up), list(down)), ref) <= 1e-5, t
+        blocks.add(split_block(t * k, e))
+    assert {1, 4, 8, 256} <= blocks, blocks  # 256: the cap
 
 
 def test_unknown_backend_is_rejected(aria_model):

@@ -1,0 +1,59 @@
+"""Two layouts of the same decoder parameters, converted losslessly both ways.
+
+- ``stacked`` (the canonical one: checkpoints, training, meshes): ``language_model/layers/...`` with a leading layer
+  axis, run by ``nn.scan``; the routed experts are (E, D, 2F) / (E, F, D) arrays.
+- ``unrolled`` (single-device CPU inference): ``language_model/layers_0 ... layers_{L-1}`` and one array per expert
+  (``mlp/gate_up_{e}``, ``mlp/down_{e}``). XLA on CPU copies any slice of a stacked parameter before a matmul
+  reads it (a layer inside the scan, an expert inside the MoE), so decoding from the stacked layout moves several
+  times the bytes it computes with; the unrolled layout reads every weight in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+EXPERT_KEYS = ("gate_up", "down")
+
+
+def _unstack(a: jax.Array) -> list[jax.Array]:
+    return [a[i] for i in range(a.shape[0])]
+
+
+def unroll(params: dict) -> dict:
+    """Stacked -> unrolled. The result shares nothing with ``params``: drop ``params`` to free the stacked copy."""
+    text = dict(params["language_model"])
+    stacked = text.pop("layers")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    layers = [{} for _ in range(num_layers)]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(stacked):
+        keys = [p.key for p in path]
+        for i, piece in enumerate(_unstack(leaf)):
+            node = layers[i]
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            if keys[-2:-1] == ["mlp"] and keys[-1] in EXPERT_KEYS:
+                node.update({f"{keys[-1]}_{e}": w for e, w in enumerate(_unstack(piece))})
+            else:
+                node[keys[-1]] = piece
+    text.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
+    return {**params, "language_model": text}
+
+
+def stack(params: dict) -> dict:
+    """Unrolled -> stacked (the inverse of ``unroll``)."""
+    text = dict(params["language_model"])
+    names = sorted((k for k in text if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    layers = [dict(text.pop(k)) for k in names]
+    for layer in layers:
+        mlp = dict(layer["mlp"])
+        for key in EXPERT_KEYS:
+            count = sum(1 for k in mlp if k.startswith(f"{key}_"))
+            mlp[key] = jnp.stack([mlp.pop(f"{key}_{e}") for e in range(count)])
+        layer["mlp"] = mlp
+    text["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {**params, "language_model": text}
+
+
+def is_unrolled(params: dict) -> bool:
+    return "layers" not in params.get("language_model", {})
