@@ -9,10 +9,12 @@ one expert, one head and at most 4096 vocabulary rows, so a device restoring its
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from aria_jax.safetensors_io import CheckpointError
+from aria_jax.safetensors_io import CheckpointError, contiguous
 
 PARAMS_DIR = "params"
 _ONE_PER_CHUNK = ("layers", "expert", "q_heads", "kv_heads", "vision_heads")
@@ -56,11 +58,28 @@ def _leaves(tree: dict) -> dict[Path, object]:
     return {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
 
 
+def chunk_pieces(value: np.ndarray, chunks: tuple[int, ...], prefix: tuple[int, ...] = ()):
+    """(zarr v2 chunk key, the value's block for it) for every chunk of ``value``; ``prefix`` indexes leading axes
+    of one-element chunks (a layer slice of a stacked parameter)."""
+    grid = [range(0, size, step) for size, step in zip(value.shape, chunks, strict=True)]
+    for starts in itertools.product(*grid):
+        block = value[tuple(slice(a, a + c) for a, c in zip(starts, chunks, strict=True))]
+        index = prefix + tuple(a // c for a, c in zip(starts, chunks, strict=True))
+        yield ".".join(map(str, index)) or "0", block
+
+
+def _write_chunk(path: str, block: np.ndarray, dtype: np.dtype) -> None:
+    data = contiguous(block, dtype)
+    with open(path, "wb") as f:
+        f.write(data.reshape(-1).view(np.uint8))
+
+
 class ParamWriter:
     """Writes params into ``directory/params`` as an Orbax checkpoint, one tensor or one layer slice per call.
 
-    At most one write is in flight: ``write`` waits for the previous one to reach the disk before it starts,
-    so host memory holds the value being written and the one being prepared, never the whole tree.
+    Tensorstore creates each zarr array (its ``.zarray``); the chunk files, raw C-order bytes as zarr v2 stores
+    them uncompressed, are written by two threads. ``write`` waits for the previous value's chunks before it
+    queues the next, so host memory holds the value being written and the one being prepared, never the tree.
     """
 
     def __init__(self, directory: str, param_shapes: dict, logical: dict, dtype: jnp.dtype):
@@ -69,28 +88,31 @@ class ParamWriter:
         self.dtype = np.dtype(dtype)
         self.shapes: dict[Path, tuple[int, ...]] = {p: s.shape for p, s in _leaves(param_shapes).items()}
         self.chunks = {p: chunk_shape(self.shapes[p], tuple(spec)) for p, spec in _leaves(logical).items()}
-        self._arrays: dict[Path, ts.TensorStore] = {}
+        self._created: set[Path] = set()
         self._written: dict[Path, set[int | None]] = {}
-        self._pending: ts.WriteFutures | None = None
+        self._pool = ThreadPoolExecutor(2, "aria-write")
+        self._pending: list[Future] = []
 
-    def _array(self, path: Path) -> ts.TensorStore:
-        if path not in self._arrays:
+    def _array(self, path: Path) -> str:
+        """The zarr array's directory, created (metadata only) on first use."""
+        directory = os.path.join(self.root, ".".join(path))
+        if path not in self._created:
             spec = {
                 "driver": "zarr",
-                "kvstore": {"driver": "file", "path": os.path.join(self.root, ".".join(path))},
+                "kvstore": {"driver": "file", "path": directory},
                 "metadata": {
                     "shape": list(self.shapes[path]),
                     "chunks": list(self.chunks[path]),
                     "dtype": _zarr_dtype(self.dtype),
                     "compressor": None,
+                    "dimension_separator": ".",
                 },
                 "create": True,
                 "delete_existing": True,
-                # No fsync per chunk file: the page cache writes back; the directory is renamed into place.
-                "context": {"file_io_sync": False},
             }
-            self._arrays[path] = ts.open(spec).result()
-        return self._arrays[path]
+            ts.open(spec).result()
+            self._created.add(path)
+        return directory
 
     def write(self, path: Path, layer: int | None, value: np.ndarray) -> None:
         """Write a whole parameter (``layer`` None) or one slice of a stacked one."""
@@ -99,19 +121,31 @@ class ParamWriter:
         expected = self.shapes[path] if layer is None else self.shapes[path][1:]
         if value.shape != expected:
             raise CheckpointError(f"parameter {'.'.join(path)}: value of shape {value.shape}, expected {expected}")
-        target = self._array(path)
+        directory = self._array(path)
+        chunks, prefix = (self.chunks[path], ()) if layer is None else (self.chunks[path][1:], (layer,))
         self.wait()
-        self._pending = (target if layer is None else target[layer]).write(np.asarray(value, self.dtype))
+        self._pending = [
+            self._pool.submit(_write_chunk, os.path.join(directory, key), block, self.dtype)
+            for key, block in chunk_pieces(np.asarray(value), chunks, prefix)
+        ]
         self._written.setdefault(path, set()).add(layer)
 
     def wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def abandon(self) -> None:
+        """After a failure: let queued chunk writes finish (so nothing writes into a removed directory), quietly."""
+        for future in self._pending:
+            future.exception()
+        self._pending = []
+        self._pool.shutdown()
 
     def close(self) -> None:
         """Finish pending writes, check every parameter was written in full, write Orbax's metadata."""
         self.wait()
+        self._pool.shutdown()
         for path, shape in self.shapes.items():
             done = self._written.get(path, set())
             if None not in done and len(done) != shape[0]:

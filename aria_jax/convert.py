@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -178,15 +179,25 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
 
 
 def write_params(items: list[Item], writer: ParamWriter, progress: bool = True) -> int:
-    """Stream every item's tensor through its transforms into ``writer``; returns the bytes read."""
+    """Stream every item's tensor through its transforms into ``writer``; returns the bytes read.
+
+    Three stages overlap: a thread reads the next tensor (file I/O releases the GIL) while this one transforms
+    the current tensor and tensorstore writes the previous one. Host memory holds those three at most.
+    """
     total = sum(item.nbytes for item in items)
-    with progress_bar(total, "convert", progress) as bar:
-        for item in items:
-            raw = item.file.read(item.key)
-            for target in item.targets:
-                writer.write(target.path, target.layer, target.transform(raw))
-            del raw
-            bar.update(item.nbytes)
+    try:
+        with progress_bar(total, "convert", progress) as bar, ThreadPoolExecutor(1, "aria-read") as reader:
+            ahead = reader.submit(items[0].file.read, items[0].key) if items else None
+            for i, item in enumerate(items):
+                raw = ahead.result()
+                ahead = reader.submit(items[i + 1].file.read, items[i + 1].key) if i + 1 < len(items) else None
+                for target in item.targets:
+                    writer.write(target.path, target.layer, target.transform(raw))
+                del raw
+                bar.update(item.nbytes)
+    except BaseException:
+        writer.abandon()
+        raise
     writer.close()
     return total
 

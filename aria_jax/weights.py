@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aria_jax.config import AriaConfig
-from aria_jax.safetensors_io import CheckpointError, SafetensorsFile, open_checkpoint
+from aria_jax.safetensors_io import CheckpointError, SafetensorsFile, contiguous, open_checkpoint
 
 LAYOUTS = ("transformers5", "hub", "original")
 
@@ -116,12 +116,12 @@ _ident = Transform(_ident_fwd, _ident_fwd)
 
 def _heads_in(n: int, h: int) -> Transform:
     # (n*h, D) <-> (D, n, h)
-    return Transform(lambda w: w.T.reshape(w.shape[1], n, h), lambda p: p.reshape(p.shape[0], -1).T)
+    return Transform(lambda w: contiguous(w.T).reshape(w.shape[1], n, h), lambda p: p.reshape(p.shape[0], -1).T)
 
 
 def _heads_out(n: int, h: int) -> Transform:
     # (D, n*h) <-> (n, h, D)
-    return Transform(lambda w: w.T.reshape(n, h, w.shape[0]), lambda p: p.reshape(-1, p.shape[-1]).T)
+    return Transform(lambda w: contiguous(w.T).reshape(n, h, w.shape[0]), lambda p: p.reshape(-1, p.shape[-1]).T)
 
 
 def _heads_bias(n: int, h: int) -> Transform:
@@ -340,7 +340,7 @@ def load_params(
     for item in items:
         raw = item.file.get(item.key)
         for target in item.targets:
-            value = np.ascontiguousarray(target.transform(raw), dtype=np_dtype)
+            value = contiguous(target.transform(raw), np_dtype)
             sharding = placement.get(target.path)
             if target.layer is None:
                 _nested_set(params, target.path, jax.device_put(value, sharding))
