@@ -2,6 +2,9 @@
 
 Keys are the original Aria recipe's (model_name_or_path, dataset_mixer, freeze_*, use_peft, lora_*, moe_*_coeff,
 learning_rate, ... ; see aria_jax/training/config.py). Exit status 2 with one line on a bad recipe or dataset.
+
+Multi-host: run the same command in every process with JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N
+and JAX_PROCESS_ID=0..N-1 set (TPU pods and SLURM are detected without them); process 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -16,19 +19,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys (YAML values)")
     args = parser.parse_args(argv)
 
+    from aria_jax import distributed
     from aria_jax.training.config import RecipeError, describe, load_config, save_resolved
 
     try:
+        distributed.initialize()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         cfg = load_config(args.config, args.overrides)
-        print(describe(cfg), flush=True)
-        save_resolved(cfg, cfg.output_dir)
+        main_process = distributed.is_main_process()
+        if main_process:
+            print(describe(cfg), flush=True)
+            save_resolved(cfg, cfg.output_dir)
         from aria_jax.training.trainer import run
 
         metrics = run(cfg)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"done: step {metrics.get('step')} lm_loss {metrics.get('lm_loss', float('nan')):.4f}", flush=True)
+    if main_process:
+        print(f"done: step {metrics.get('step')} lm_loss {metrics.get('lm_loss', float('nan')):.4f}", flush=True)
     return 0
 
 

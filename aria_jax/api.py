@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aria_jax import param_layout
+from aria_jax import distributed, param_layout
 from aria_jax.config import AriaConfig
 from aria_jax.generation import Decoder, GenerationStats, StopRule, stop_string_checker
 from aria_jax.model import AriaModel, check_image_token_count
@@ -179,10 +179,25 @@ class Aria:
             logits, _, _ = self.module.apply({"params": params}, input_ids, attention_mask, pixel_values, pixel_mask)
             return logits
 
+        if distributed.spans_processes(self.mesh):  # every process gets the whole logits
+            return jax.jit(run, out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
         return jax.jit(run)
 
+    def _to_mesh(self, *arrays):
+        """Host inputs onto a multi-host mesh, replicated (each process fills its own devices); else as they are."""
+        if not distributed.spans_processes(self.mesh):
+            return arrays
+        return tuple(None if a is None else distributed.replicate(self.mesh, a) for a in arrays)
+
     def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None) -> jax.Array:
-        """Logits (B, T, V) for a batch in transformers' conventions (left padding, NCHW pixels)."""
+        """Logits (B, T, V) for a batch in transformers' conventions (left padding, NCHW pixels).
+
+        Multi-host (a mesh spanning processes): every process calls this with the same numpy inputs, or with
+        global ``jax.Array`` s; the logits come back fully replicated, readable on every process.
+        """
+        input_ids, attention_mask, pixel_values, pixel_mask = _host_inputs(
+            input_ids, attention_mask, pixel_values, pixel_mask
+        )
         input_ids = self._check_ids(input_ids)
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask)
@@ -193,7 +208,8 @@ class Aria:
             self._check_pixels(input_ids, pixel_values, pixel_mask)
             if pixel_mask is not None:
                 pixel_mask = np.asarray(pixel_mask, dtype=bool)
-        return self._forward(self.run_params, input_ids, attention_mask, pixel_values, pixel_mask)
+        inputs = self._to_mesh(input_ids, attention_mask, pixel_values, pixel_mask)
+        return self._forward(self.run_params, *inputs)
 
     def _check_ids(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -258,6 +274,9 @@ class Aria:
         stop_strings=None,
     ) -> dict:
         """Validated arguments for ``Decoder.iterate``; every bad value fails here, before anything is traced."""
+        input_ids, attention_mask, pixel_values, pixel_mask = _host_inputs(
+            input_ids, attention_mask, pixel_values, pixel_mask
+        )
         ids = self._check_ids(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
         if mask.shape != ids.shape:
@@ -287,7 +306,8 @@ class Aria:
 
         Options: max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
         seed=0, eos_token_id=None (the checkpoint's eos ids, as transformers), stop_strings=None. The last call's
-        timing (prefill ms, decode tokens/s) is in ``last_stats``.
+        timing (prefill ms, decode tokens/s) is in ``last_stats``. Multi-host: as ``forward`` (same inputs on
+        every process, or global arrays); every process gets the same numpy tokens.
         """
         plan = self._plan(input_ids, attention_mask, pixel_values, pixel_mask, **options)
         out, self.last_stats = self._decoder.run(**plan)
@@ -348,6 +368,12 @@ class Aria:
                 shown = text
         if len(text) > len(shown):
             yield text[len(shown):]
+
+
+def _host_inputs(*arrays) -> tuple:
+    """Global (multi-host) ``jax.Array`` inputs gathered to numpy on every process; other inputs as they are."""
+    return tuple(distributed.to_host(a) if isinstance(a, jax.Array) and not a.is_fully_addressable else a
+                 for a in arrays)
 
 
 def read_generation_config(path: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from typing import TextIO
 
@@ -54,8 +55,10 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace):
+    from aria_jax import distributed
     from aria_jax.api import Aria
 
+    distributed.initialize()  # multi-host when JAX_COORDINATOR_ADDRESS etc. (or a TPU pod / SLURM) say so
     model = Aria.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh)
     if model.processor is None:
         raise ValueError(f"{args.model}: no tokenizer files (tokenizer.json); cannot turn text into tokens")
@@ -73,6 +76,11 @@ def cmd_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     options = _options(args)  # validate before the (slow) load
     images = _load_images(args.image)
     model = _load(args)
+    import jax
+
+    main = jax.process_index() == 0  # multi-host: every process generates, process 0 prints
+    if not main:
+        out = io.StringIO()
     image_opts = dict(max_image_size=args.max_image_size, split_image=args.split_image or None)
     if args.raw:
         batch = model.processor(text=[args.prompt], images=images or None, **image_opts)
@@ -84,7 +92,8 @@ def cmd_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
                                 **image_opts, **options):
             print(piece, end="", file=out, flush=True)
         print(file=out)
-    print(f"[{model.last_stats}]", file=sys.stderr)
+    if main:
+        print(f"[{model.last_stats}]", file=sys.stderr)
     return 0
 
 

@@ -48,16 +48,79 @@ def initialize(
     return jax.process_count() > 1
 
 
-def global_batch(mesh: Mesh, local: np.ndarray, axes: tuple[str, ...] = ("data",)) -> jax.Array:
+def global_batch(
+    mesh: Mesh, local: np.ndarray, axes: tuple[str, ...] = ("data",), global_rows: int | None = None
+) -> jax.Array:
     """This process's rows -> one global array, rows split over ``axes`` (every process passes its own share).
 
     Axes absent from the mesh are ignored; with one process this is a plain sharded ``device_put``.
+    ``global_rows``: the global row count (default: inferred, rows split evenly over the processes).
     """
     axes = tuple(a for a in axes if a in mesh.shape)
-    sharding = NamedSharding(mesh, P(axes or None, *([None] * (np.ndim(local) - 1))))
-    return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+    local = np.asarray(local)
+    sharding = NamedSharding(mesh, P(axes or None, *([None] * (local.ndim - 1))))
+    shape = None if global_rows is None else (global_rows, *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
 
 
 def is_main_process() -> bool:
     """True on process 0: the one that prints, shows progress and writes shared files."""
     return jax.process_index() == 0
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+    """True when ``mesh`` has devices of other processes (arrays on it are not fully addressable here)."""
+    return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def batch_axes(mesh: Mesh, n_rows: int, axes: tuple[str, ...] = ("data",)) -> tuple[str, ...]:
+    """The mesh axes a batch of ``n_rows`` rows is split over: ``axes`` when they divide it, else none (replicated)."""
+    axes = tuple(a for a in axes if a in mesh.shape)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return axes if n_rows % ways == 0 else ()
+
+
+def row_block(mesh: Mesh, n_rows: int, axes: tuple[str, ...] = ("data",)) -> tuple[int, int]:
+    """(index, count): with rows split over ``axes``, this process holds block ``index`` of ``count`` equal
+    contiguous blocks of the ``n_rows`` rows (processes on the same block hold the same rows; no split: (0, 1))."""
+    axes = tuple(a for a in axes if a in mesh.shape)
+    sharding = NamedSharding(mesh, P(axes or None))
+    spans = sorted({idx[0].indices(n_rows)[:2] for idx in sharding.addressable_devices_indices_map((n_rows,)).values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    contiguous = all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    size = hi - lo
+    if not contiguous or n_rows % size or lo % size:
+        raise ValueError(f"the mesh gives this process rows {spans} of {n_rows}: not one of equal contiguous blocks "
+                         "(order the mesh's data axis by process)")
+    return lo // size, n_rows // size
+
+
+def replicate(mesh: Mesh, value) -> jax.Array:
+    """A host value that is the same on every process -> one array replicated over ``mesh`` (no cross-host check)."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P()), lambda index: value[index])
+
+
+def place(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also takes host-local values (the same on every process) onto
+    shardings spanning other processes: each process then fills only its own devices."""
+
+    def put(x, sharding):
+        local = not isinstance(x, jax.Array) or x.is_fully_addressable
+        if sharding.is_fully_addressable or not local:
+            return jax.device_put(x, sharding)
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of ``x`` as numpy on every process (a global array is gathered: every process must call)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

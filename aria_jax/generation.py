@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aria_jax import distributed
 from aria_jax.model import AriaModel
 from aria_jax.sampling import SamplingConfig, select_tokens
 from aria_jax.text import init_cache
@@ -118,6 +119,22 @@ class Decoder:
 
         return jax.lax.while_loop(running, lambda s: self._step_impl(params, s, sampling=sampling, rule=rule), state)
 
+    # -- host <-> devices ----------------------------------------------------------------------------------
+    def _put(self, x):
+        """A host value (the same on every process) onto a multi-host mesh, replicated; else as it is."""
+        mesh = self.module.mesh
+        if x is None or not distributed.spans_processes(mesh):
+            return x
+        if jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(distributed.replicate(mesh, jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        return distributed.replicate(mesh, x)
+
+    @staticmethod
+    def _get(x) -> np.ndarray:
+        """A device value as numpy on every process (gathered when it spans processes)."""
+        return distributed.to_host(x)
+
     # -- driver --------------------------------------------------------------------------------------------
     def iterate(
         self,
@@ -144,8 +161,8 @@ class Decoder:
         mask = np.concatenate([np.zeros((b, pad), np.int32), attention_mask.astype(np.int32)], axis=1)
         stats = GenerationStats(prompt_tokens=int(attention_mask.sum()))
         start = time.perf_counter()
-        state = self._prefill(params, ids, mask, pixel_values, pixel_mask, jax.random.key(seed),
-                              cache_len=bucket(p + rule.max_new), sampling=sampling, rule=rule)
+        inputs = [self._put(x) for x in (ids, mask, pixel_values, pixel_mask, jax.random.key(seed))]
+        state = self._prefill(params, *inputs, cache_len=bucket(p + rule.max_new), sampling=sampling, rule=rule)
         jax.block_until_ready(state["token"])
         stats.prefill_ms = 1000 * (time.perf_counter() - start)
         start = time.perf_counter()
@@ -153,20 +170,21 @@ class Decoder:
             state = self._loop(params, state, sampling=sampling, rule=rule)
         else:
             while True:
-                step = int(state["step"])
+                step = int(self._get(state["step"]))
                 if stream:
-                    yield np.asarray(state["token"])
-                done = np.asarray(state["done"])
+                    yield self._get(state["token"])
+                done = self._get(state["done"])
                 if stop_check is not None:
-                    out = np.asarray(state["out"])[:, :step]
+                    out = self._get(state["out"])[:, :step]
                     stopped = done | np.array([stop_check(out[i]) for i in range(b)])
                     if (stopped != done).any():
-                        state = {**state, "done": jnp.asarray(stopped)}
+                        multi = distributed.spans_processes(self.module.mesh)
+                        state = {**state, "done": self._put(stopped) if multi else jnp.asarray(stopped)}
                         done = stopped
                 if step >= rule.max_new or done.all():
                     break
                 state = self._step(params, state, sampling=sampling, rule=rule)
-        out = np.asarray(state["out"])[:, : int(state["step"])]
+        out = self._get(state["out"])[:, : int(self._get(state["step"]))]
         stats.decode_s = time.perf_counter() - start
         stats.new_tokens = int(sum(generated_length(row, rule) for row in out))
         return out, stats

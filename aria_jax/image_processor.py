@@ -50,6 +50,18 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"cannot read image file {name!r}: {e}") from e
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the image ``load_image`` would return (EXIF rotation applied), from the header alone."""
+    name = os.fspath(path)
+    try:
+        with Image.open(name) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112)  # ExifTags.Base.Orientation; 5..8 swap the axes
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image file {name!r}: {e}") from e
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def to_rgb_array(image: ImageLike) -> np.ndarray:
     """Any supported input -> (H, W, 3) uint8, as transformers' ``convert_to_rgb`` (alpha composited on white)."""
     if isinstance(image, (str, os.PathLike)):
@@ -222,6 +234,20 @@ class AriaImageProcessor:
         ratios = [(h // 490, w // 490) for h, w in self.split_resolutions]
         return split_original(array, ratios, max_image_size, self.resample)
 
+    def count_crops(
+        self, width: int, height: int, max_image_size: int, split_image: bool, split_mode: str = "hf"
+    ) -> int:
+        """``len(self.crops(image, ...))`` for a ``width`` x ``height`` image, without its pixels."""
+        if not split_image:
+            return 1
+        if split_mode == "hf":
+            best_h, best_w = select_best_resolution((height, width), self.split_resolutions)
+            return math.ceil(best_h / max_image_size) * math.ceil(best_w / max_image_size)
+        ratios = [(h // 490, w // 490) for h, w in self.split_resolutions]
+        ratio_w, ratio_h = select_best_ratio_original(width, height, ratios, max_image_size)
+        n = ratio_w * ratio_h
+        return n + 1 if n != 1 else 1
+
     def process_crop(self, crop: np.ndarray, max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Resize (aspect kept, short side >= min), pad to M x M, mask, rescale, normalise -> (3,M,M), (M,M)."""
         m = max_image_size
@@ -285,4 +311,4 @@ class AriaImageProcessor:
         }
 
 
-__all__ = ["AriaImageProcessor", "load_image", "select_best_resolution", "to_rgb_array"]
+__all__ = ["AriaImageProcessor", "image_size", "load_image", "select_best_resolution", "to_rgb_array"]

@@ -28,13 +28,29 @@ def check_image_token_count(input_ids, num_images: int, queries_per_image: int, 
 
 
 def merge_image_features(
-    embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int
+    embeds: jax.Array,
+    input_ids: jax.Array,
+    features: jax.Array,
+    image_token_id: int,
+    image_offsets: jax.Array | None = None,
 ) -> jax.Array:
-    """Replace image-token embeddings with image features in order: batch-major, image by image, token by token."""
+    """Replace image-token embeddings with image features in order: batch-major, image by image, token by token.
+
+    ``image_offsets`` (B,): row b's first image is ``features[image_offsets[b]]`` and its images follow in order
+    (a multi-host batch, where each process's images sit in its own padded block); None: rows' images are
+    consecutive from image 0.
+    """
     b, t, d = embeds.shape
-    is_image = (input_ids == image_token_id).reshape(-1)
     flat_features = features.reshape(-1, d).astype(embeds.dtype)
-    index = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat_features.shape[0] - 1)
+    if image_offsets is None:
+        is_image = (input_ids == image_token_id).reshape(-1)
+        index = jnp.cumsum(is_image) - 1
+    else:
+        row_image = input_ids == image_token_id
+        start = image_offsets.astype(jnp.int32)[:, None] * features.shape[1]
+        index = (start + jnp.cumsum(row_image, axis=1, dtype=jnp.int32) - 1).reshape(-1)
+        is_image = row_image.reshape(-1)
+    index = jnp.clip(index, 0, flat_features.shape[0] - 1)
     merged = jnp.where(is_image[:, None], jnp.take(flat_features, index, axis=0), embeds.reshape(-1, d))
     return merged.reshape(b, t, d)
 
@@ -70,13 +86,16 @@ class AriaModel(nn.Module):
         pixel_values: jax.Array | None = None,
         pixel_mask: jax.Array | None = None,
         image_features: jax.Array | None = None,
+        image_offsets: jax.Array | None = None,
     ) -> jax.Array:
         embeds = self.language_model.embed(input_ids)
         if image_features is None and pixel_values is not None and input_ids.shape[1] != 1:
             image_features = self.image_features(pixel_values, pixel_mask)
         if image_features is not None:
             check_image_token_count(input_ids, *image_features.shape[:2], self.config.image_token_id)
-            embeds = merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
+            embeds = merge_image_features(
+                embeds, input_ids, image_features, self.config.image_token_id, image_offsets
+            )
         return embeds
 
     def __call__(
@@ -90,9 +109,13 @@ class AriaModel(nn.Module):
         cache=(),
         index: jax.Array | None = None,
         last_only: bool = False,
+        image_offsets: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, dict | tuple]:
-        """Returns logits (B, T, V), router logits (L, B*T, E) and the updated KV cache (see TextDecoder)."""
-        embeds = self.embed(input_ids, pixel_values, pixel_mask, image_features)
+        """Returns logits (B, T, V), router logits (L, B*T, E) and the updated KV cache (see TextDecoder).
+
+        ``image_offsets``: see ``merge_image_features`` (training batches built per process).
+        """
+        embeds = self.embed(input_ids, pixel_values, pixel_mask, image_features, image_offsets)
         if positions is None:
             positions = default_positions(input_ids)
         return self.language_model(embeds, positions, attention_mask, cache, index, last_only)

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -330,6 +330,16 @@ class AriaProcessor:
             )
         return rendered if batched else rendered[0]
 
+    def expand_image_tokens(self, text: str, counts: Iterable[int]) -> str:
+        """Each image placeholder in ``text`` -> as many image tokens as the next of ``counts`` says."""
+        counts = iter(counts)
+        parts = text.split(self.image_token)
+        pieces = [parts[0]]
+        for part in parts[1:]:
+            pieces.append(self.image_token * next(counts))
+            pieces.append(part)
+        return "".join(pieces)
+
     # ---------------------------------------------------------------- main call
     def __call__(
         self,
@@ -364,15 +374,7 @@ class AriaProcessor:
             per_image = self.tokens_per_image(int(proc["pixel_values"].shape[2]))
             crops = proc["crops"] if split_mode == "original" else [proc["num_crops"]] * len(images)
             counts = iter(c * per_image for c in crops)
-            expanded = []
-            for t in texts:
-                parts = t.split(self.image_token)
-                pieces = [parts[0]]
-                for part in parts[1:]:
-                    pieces.append(self.image_token * next(counts))
-                    pieces.append(part)
-                expanded.append("".join(pieces))
-            texts = expanded
+            texts = [self.expand_image_tokens(t, counts) for t in texts]
             out["pixel_values"] = proc["pixel_values"]
             out["pixel_mask"] = proc["pixel_mask"]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)

@@ -23,21 +23,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_forward_and_training_step_across_two_processes_match_one_process(tmp_path):
-    directory = str(tmp_path / "ckpt")
-    make_checkpoint(directory)
-    out = tmp_path / "out.npz"
+def launch_two(script: str, *args: str) -> None:
+    """``script`` as two processes with four CPU devices each, joined by jax.distributed on 127.0.0.1."""
     port = free_port()
     procs = []
     for pid in range(2):
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
                "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "multihost_worker.py"), directory, str(out)],
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, script), *args],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-3000:]
+
+
+def test_forward_and_training_step_across_two_processes_match_one_process(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    make_checkpoint(directory)
+    out = tmp_path / "out.npz"
+    launch_two("multihost_worker.py", directory, str(out))
     got = np.load(out)
 
     # The same forward and SGD step in this (single-device) process.
@@ -53,6 +58,30 @@ def test_forward_and_training_step_across_two_processes_match_one_process(tmp_pa
     assert abs(float(got["before"]) - float(before)) <= 1e-5 * abs(float(before))
     assert abs(float(got["after"]) - float(after)) <= 1e-5 * abs(float(after))
     assert float(after) < float(before)
+
+
+@pytest.mark.slow
+def test_forward_and_generate_across_two_processes_match_one_process(tmp_path):
+    # Aria.forward / generate on a mesh spanning both processes: numpy inputs (the same on each process) or global
+    # arrays in; logits and tokens out on every process, equal to one process on one device.
+    directory = str(tmp_path / "ckpt")
+    make_checkpoint(directory)
+    launch_two("multihost_generate.py", directory, str(tmp_path / "out"))
+    model = Aria.from_pretrained(directory, dtype="float32")
+    b = batch()
+    args = [b[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_mask")]
+    logits = np.asarray(model.forward(*args))
+    greedy = model.generate(*args, max_new_tokens=8)
+    plan = model._plan(*args, max_new_tokens=8)
+    stopped = model._decoder.run(**{**plan, "stop_check": lambda row: len(row) >= 3})[0]
+    assert stopped.shape[1] == 3
+    valid = b["attention_mask"].astype(bool)
+    for pid in range(2):
+        got = np.load(tmp_path / f"out{pid}.npz")
+        assert rel(got["logits"][valid], logits[valid]) <= 1e-5
+        for key in ("greedy", "greedy_global", "stream"):
+            np.testing.assert_array_equal(got[key], greedy, err_msg=f"process {pid}: {key}")
+        np.testing.assert_array_equal(got["stopped"], stopped, err_msg=f"process {pid}: stopped")
 
 
 def test_initialize_without_a_cluster_is_single_process(monkeypatch):

@@ -55,7 +55,7 @@ def test_truncation_through_an_image_drops_the_sample_and_counts_it(processor, d
     kept = D.truncate(sample, last_image + 2, 9)
     assert len(kept.input_ids) == last_image + 2
     source = D.build_source(records, encoder, last_image)  # cuts every image sample
-    loader = D.Loader(len(records), source, 2, 0, lambda s: D.collate(s, 0, 64, None))
+    loader = D.Loader(len(records), source, 2, 0, lambda s, layout: D.collate(s, 0, 64, None, layout))
     loader.next_batch()
     assert loader.state["dropped"] >= 1
 
@@ -65,7 +65,7 @@ def test_order_is_seeded_and_resumes_from_its_state(processor, dataset):
     source = D.build_source(records, D.JsonlEncoder(processor, 490, False), 256)
 
     def loader(seed):
-        return D.Loader(len(records), source, 3, seed, lambda s: D.collate(s, 3, 256, None))
+        return D.Loader(len(records), source, 3, seed, lambda s, layout: D.collate(s, 3, 256, None, layout))
 
     a, b = loader(1), loader(1)
     batches = [a.next_batch() for _ in range(4)]  # crosses an epoch boundary (8 samples)

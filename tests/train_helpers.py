@@ -53,3 +53,50 @@ def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 600
 def read_metrics(output_dir) -> list[dict]:
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train_processes(args: list[str], log_dir, n: int = 2, devices: int = 4, timeout: int = 900,
+                        env_extra: dict | None = None) -> list[tuple[int, str, str]]:
+    """``train.py`` as ``n`` processes joined by jax.distributed on 127.0.0.1 (``devices`` CPU devices each).
+
+    Returns (exit status, stdout, stderr) per process; on timeout every process is killed and TimeoutError raised.
+    """
+    import time
+
+    port = free_port()
+    procs, files = [], []
+    for pid in range(n):
+        env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n),
+               "JAX_PROCESS_ID": str(pid), **(env_extra or {})}
+        out = open(os.path.join(log_dir, f"process{pid}.out"), "w+")
+        err = open(os.path.join(log_dir, f"process{pid}.err"), "w+")
+        files.append((out, err))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO, env=env,
+                                      stdout=out, stderr=err, text=True))
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise TimeoutError(f"train.py as {n} processes did not finish in {timeout} s") from None
+    results = []
+    for p, (out, err) in zip(procs, files, strict=True):
+        out.seek(0)
+        err.seek(0)
+        results.append((p.returncode, out.read(), err.read()))
+        out.close()
+        err.close()
+    return results

@@ -3,6 +3,10 @@
 A line: ``{"messages": [{"role": "user"|"assistant"|"system", "content": [{"type": "text", "text": ...},
 {"type": "image"}]}], "images": ["relative/path.png", ...]}`` (``images`` in the order of the image items;
 text-only samples have none). Labels cover assistant turns only (their role header and image tokens excluded).
+
+Multi-host: every process walks the same seeded order and decides the same global batches from cheap per-sample
+metadata (``Meta``: token count after truncation, image count), then encodes, loads images for and collates only
+its own contiguous block of rows (``Loader``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,49 @@ class Record:
     messages: list[dict]
     images: list[str]  # absolute paths, checked to exist inside the dataset directory
     where: str  # "file:line" for messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    """What deciding a global batch needs to know of a sample, without building it."""
+
+    length: int  # tokens after truncation
+    images: int  # pixel arrays (image crops) it brings
+
+
+def meta_of(sample: Sample) -> Meta:
+    return Meta(len(sample.input_ids), 0 if sample.pixel_values is None else len(sample.pixel_values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The shape of one process's part of a global batch, the same decision on every process."""
+
+    length: int  # longest sample of the global batch (padded up to a bucket by ``collate``)
+    images: int  # image slots per process (0: no sample of the global batch has an image)
+    image_start: int = 0  # this process's first slot in the global image array
+
+
+def row_range(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a global batch that block ``process_index`` of ``process_count`` builds."""
+    per = batch_size // process_count
+    return process_index * per, (process_index + 1) * per
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def layout_for(metas: list[Meta], process_index: int = 0, process_count: int = 1, image_multiple: int = 1) -> Layout:
+    """Pad length from the whole global batch; image slots: the most images any block has, rounded up to a power
+    of two (and a multiple of ``image_multiple``, the data shards per block), so every block has the same count."""
+    per_block = [sum(m.images for m in metas[slice(*row_range(len(metas), p, process_count))])
+                 for p in range(process_count)]
+    slots = 0
+    if max(per_block) > 0:
+        slots = _pow2(max(per_block))
+        slots = -(-slots // image_multiple) * image_multiple
+    return Layout(max(m.length for m in metas), slots, process_index * slots)
 
 
 def _image_items(messages: list[dict]) -> int:
@@ -132,24 +179,59 @@ class JsonlEncoder:
         return Sample(np.concatenate(ids), np.concatenate(labels),
                       np.concatenate(pixels) if pixels else None, np.concatenate(masks) if masks else None)
 
+    def measure(self, record: Record) -> tuple[np.ndarray, int]:
+        """(input_ids, image crops) of ``self(record)`` from the image files' headers alone: no pixels decoded.
+
+        The same chat template, placeholder expansion and tokenizer as ``__call__``; crop counts from the image
+        sizes (``AriaImageProcessor.count_crops``).
+        """
+        from aria_jax.image_processor import image_size
+
+        proc = self.processor
+        per_image = proc.tokens_per_image(self.max_image_size)
+        sizes = iter(image_size(p) for p in record.images)
+        ids, crops = [], 0
+        for message in record.messages:
+            counts = [proc.image_processor.count_crops(*next(sizes), self.max_image_size, self.split_image,
+                                                       "original") for _ in range(_image_items([message]))]
+            crops += sum(counts)
+            text = proc.expand_image_tokens(proc.apply_chat_template([message]), (c * per_image for c in counts))
+            ids.extend(proc.tokenizer.encode(text, add_special_tokens=False).ids)
+        return np.asarray(ids, np.int32), crops
+
+
+def truncated_length(input_ids: np.ndarray, max_len: int, image_token_id: int) -> int | None:
+    """Tokens kept by ``truncate``, or None when cutting to ``max_len`` would cut (or drop) an image's tokens."""
+    if len(input_ids) <= max_len:
+        return len(input_ids)
+    return None if np.any(input_ids[max_len:] == image_token_id) else max_len
+
 
 def truncate(sample: Sample, max_len: int, image_token_id: int) -> Sample | None:
     """Cut to ``max_len`` tokens, or None when that would cut (or drop) any image's tokens."""
-    if len(sample.input_ids) <= max_len:
-        return sample
-    if np.any(sample.input_ids[max_len:] == image_token_id):
+    n = truncated_length(sample.input_ids, max_len, image_token_id)
+    if n is None:
         return None
-    return dataclasses.replace(sample, input_ids=sample.input_ids[:max_len], labels=sample.labels[:max_len])
+    if n == len(sample.input_ids):
+        return sample
+    return dataclasses.replace(sample, input_ids=sample.input_ids[:n], labels=sample.labels[:n])
 
 
 def _bucket(n: int, multiple: int, cap: int) -> int:
     return min(cap, max(multiple, math.ceil(n / multiple) * multiple))
 
 
-def collate(samples: list[Sample], pad_id: int, max_len: int, pixel_shape: tuple[int, ...] | None) -> dict:
+def collate(samples: list[Sample], pad_id: int, max_len: int, pixel_shape: tuple[int, ...] | None,
+            layout: Layout | None = None) -> dict:
     """Right-padded batch (length rounded up to a multiple of 32); images padded to a power-of-two count with
-    blank, fully valid images that no placeholder refers to (keeps jit shapes few and gradients finite)."""
-    t = _bucket(max(len(s.input_ids) for s in samples), 32, max_len)
+    blank, fully valid images that no placeholder refers to (keeps jit shapes few and gradients finite).
+
+    ``layout`` (multi-host): the global batch's length and this process's image slots instead of the ones of
+    ``samples``; ``pixel_shape`` (3, S, S) fills the slots of a process whose rows have no image. With images,
+    ``image_offsets`` (B,) gives each row's first slot in the global image array (``merge_image_features``).
+    """
+    layout = layout or layout_for([meta_of(s) for s in samples])
+    t = _bucket(layout.length, 32, max_len)
     b = len(samples)
     batch = {
         "input_ids": np.full((b, t), pad_id, np.int32),
@@ -161,24 +243,52 @@ def collate(samples: list[Sample], pad_id: int, max_len: int, pixel_shape: tuple
         batch["input_ids"][i, :n] = s.input_ids
         batch["attention_mask"][i, :n] = 1
         batch["labels"][i, :n] = s.labels
-    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
-    if pix:
-        values = np.concatenate(pix)
-        masks = np.concatenate([s.pixel_mask for s in samples if s.pixel_values is not None])
-        n = 1 << (len(values) - 1).bit_length()
-        pad = n - len(values)
+    if layout.images:
+        pix = [s.pixel_values for s in samples if s.pixel_values is not None]
+        if pix:
+            values = np.concatenate(pix)
+            masks = np.concatenate([s.pixel_mask for s in samples if s.pixel_values is not None])
+        elif pixel_shape is not None:
+            values, masks = np.zeros((0, *pixel_shape), np.float32), np.zeros((0, *pixel_shape[1:]), bool)
+        else:
+            raise ValueError("collate: this process's rows have no image; pixel_shape is needed for blank slots")
+        pad = layout.images - len(values)
         batch["pixel_values"] = np.concatenate([values, np.zeros((pad, *values.shape[1:]), np.float32)])
         batch["pixel_mask"] = np.concatenate([masks, np.ones((pad, *masks.shape[1:]), bool)])
+        counts = [meta_of(s).images for s in samples]
+        batch["image_offsets"] = (layout.image_start + np.cumsum([0, *counts[:-1]])).astype(np.int32)
     return batch
 
 
 class Loader:
-    """Seeded epoch-wise shuffled order over a sample source; its position (``state``) is saved with checkpoints."""
+    """Seeded epoch-wise shuffled order over a sample source; its position (``state``) is saved with checkpoints.
+
+    A global batch is the next ``batch_size`` samples of the order that are not dropped (``encode`` returns None
+    when truncation would cut an image). With ``process_count`` > 1 this process builds only rows
+    ``row_range(batch_size, process_index, process_count)`` of it:
+
+    - Every process walks the same order and decides the same global batch (which samples, in which rows, the
+      pad length, the image slots per process) from ``measure(index) -> Meta | None``: the token count after
+      truncation and the image count, cheap to get (token ids from image file headers; no pixels). ``measure``
+      must agree with ``encode``: a process checks this for each sample it encodes and raises otherwise.
+    - Then it encodes only its own rows (images loaded by one process only) and collates them with the shared
+      ``Layout``. Nothing here talks to other processes, so the loader cannot deadlock; since every process
+      takes identical decisions from identical inputs, ``state`` (the checkpointed position) is the same on all.
+    - Without ``measure``, every process encodes the whole global batch and keeps its rows (correct, slower).
+
+    With one process ``measure`` is not used: samples are encoded once, in order, as always.
+    """
 
     def __init__(self, size: int, encode: Callable[[int], Sample | None], batch_size: int, seed: int,
-                 collate_fn: Callable[[list[Sample]], dict]):
+                 collate_fn: Callable[[list[Sample], Layout], dict],
+                 measure: Callable[[int], Meta | None] | None = None,
+                 process_index: int = 0, process_count: int = 1, image_multiple: int = 1):
+        if batch_size % process_count or not 0 <= process_index < process_count:
+            raise RecipeError(f"per_device_train_batch_size={batch_size} does not split into {process_count} "
+                              "equal blocks of rows, one per process")
         self.size, self.encode, self.batch_size, self.seed = size, encode, batch_size, seed
-        self.collate_fn = collate_fn
+        self.collate_fn, self.measure = collate_fn, measure
+        self.process_index, self.process_count, self.image_multiple = process_index, process_count, image_multiple
         self.state: dict[str, int] = {"epoch": 0, "position": 0, "dropped": 0, "samples": 0}
         self._order: tuple[int, np.ndarray] | None = None
 
@@ -187,25 +297,50 @@ class Loader:
             self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size)
         return self._order[1]
 
-    def next_batch(self) -> dict:
-        samples: list[Sample] = []
+    def _compose(self) -> tuple[list[int], list[Meta], dict[int, Sample]]:
+        """The next global batch: sample indices and metadata by row, and the samples already encoded by row."""
+        lazy = self.measure is not None and self.process_count > 1
+        picked: list[int] = []
+        metas: list[Meta] = []
+        encoded: dict[int, Sample] = {}
         misses = 0
-        while len(samples) < self.batch_size:
+        while len(picked) < self.batch_size:
             if self.state["position"] >= self.size:
                 self.state["epoch"] += 1
                 self.state["position"] = 0
             index = int(self.order(self.state["epoch"])[self.state["position"]])
             self.state["position"] += 1
-            sample = self.encode(index)
-            if sample is None:
+            if lazy:
+                meta = self.measure(index)
+            else:
+                sample = self.encode(index)
+                meta = None if sample is None else meta_of(sample)
+                if sample is not None:
+                    encoded[len(picked)] = sample
+            if meta is None:
                 self.state["dropped"] += 1
                 misses += 1
                 if misses > 2 * self.size:
                     raise RecipeError("every sample is dropped: max_seq_length cuts through the images of all samples")
                 continue
+            picked.append(index)
+            metas.append(meta)
+        return picked, metas, encoded
+
+    def next_batch(self) -> dict:
+        picked, metas, encoded = self._compose()
+        lo, hi = row_range(self.batch_size, self.process_index, self.process_count)
+        samples = []
+        for row in range(lo, hi):
+            sample = encoded[row] if row in encoded else self.encode(picked[row])
+            got = None if sample is None else meta_of(sample)
+            if got != metas[row]:
+                raise RecipeError(f"sample {picked[row]}: measured {metas[row]} but encoded {got}; the processes "
+                                  "would disagree on the batch")
             samples.append(sample)
-        self.state["samples"] += len(samples)
-        return self.collate_fn(samples)
+        self.state["samples"] += len(picked)
+        layout = layout_for(metas, self.process_index, self.process_count, self.image_multiple)
+        return self.collate_fn(samples, layout)
 
     @property
     def epoch_progress(self) -> float:
@@ -235,11 +370,32 @@ def synthetic_source(cfg, n: int, seq_len: int, seed: int) -> Callable[[int], Sa
     return encode
 
 
+def synthetic_measure(cfg, seq_len: int) -> Callable[[int], Meta]:
+    """``meta_of(synthetic_source(...)(i))`` without building the sample."""
+    s = cfg.vision.image_size
+    meta = Meta(cfg.queries_for_patches((s // cfg.vision.patch_size) ** 2) + seq_len, 1)
+    return lambda i: meta
+
+
 def build_source(records: list[Record], encoder: JsonlEncoder, max_len: int) -> Callable[[int], Sample | None]:
     def encode(i: int) -> Sample | None:
         return truncate(encoder(records[i]), max_len, encoder.image_token_id)
 
     return encode
+
+
+def build_measure(records: list[Record], encoder: JsonlEncoder, max_len: int) -> Callable[[int], Meta | None]:
+    """``meta_of(build_source(...)(i))`` (None: dropped) from ``JsonlEncoder.measure``, cached per sample."""
+    cache: dict[int, Meta | None] = {}
+
+    def measure(i: int) -> Meta | None:
+        if i not in cache:
+            ids, crops = encoder.measure(records[i])
+            n = truncated_length(ids, max_len, encoder.image_token_id)
+            cache[i] = None if n is None else Meta(n, crops)
+        return cache[i]
+
+    return measure
 
 
 def load_datasets(mixer: dict[str, Any]) -> list[Record]:

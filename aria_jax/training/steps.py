@@ -78,7 +78,7 @@ def make_objective(module, spec: LossSpec) -> Callable:
         with lora_dropout(spec.lora_dropout if spec.lora_scale is not None else 0.0):
             logits, router_logits, _ = module.apply(
                 variables, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                batch.get("pixel_mask"), rngs={"dropout": rng},
+                batch.get("pixel_mask"), rngs={"dropout": rng}, image_offsets=batch.get("image_offsets"),
             )
         ce_sum, count = lm_loss_sum(logits, batch["labels"])
         z = z_loss(router_logits)

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
+from aria_jax import distributed
 from aria_jax.config import AriaConfig
 from aria_jax.model import AriaModel
 from aria_jax.training import checkpoint as ckpt
@@ -23,6 +23,30 @@ from aria_jax.training.config import RecipeError, TrainConfig
 from aria_jax.training.lora import init_lora, merge_lora, select_rules
 
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "tflops")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """How a global batch's rows are split: over mesh ``axes``; this process builds block ``index`` of ``count``
+    (multi-host), and each block's images are padded to a multiple of ``image_multiple`` (its data shards)."""
+
+    axes: tuple[str, ...] = ()
+    index: int = 0
+    count: int = 1
+    image_multiple: int = 1
+
+
+def batch_rows(mesh, batch_size: int) -> Rows:
+    """Rows over the mesh's ``data`` axis when it divides the batch (else replicated: every process builds all)."""
+    if mesh is None:
+        return Rows()
+    axes = distributed.batch_axes(mesh, batch_size)
+    try:
+        index, count = distributed.row_block(mesh, batch_size, axes)
+    except ValueError as e:
+        raise RecipeError(f"config key 'mesh': {e}") from None
+    ways = math.prod(mesh.shape[a] for a in axes)
+    return Rows(axes, index, count, ways // count)
 
 
 @dataclasses.dataclass
@@ -37,6 +61,8 @@ class Setup:
     rules: list  # LoRA rules in use (empty for full fine-tuning)
     loader: D.Loader
     num_samples: int
+    mesh: jax.sharding.Mesh | None = None
+    rows: Rows = Rows()
 
 
 def make_train_mesh(spec: str | None):
@@ -59,10 +85,19 @@ def place(params: dict, config: AriaConfig, mesh, fsdp: bool) -> dict:
         shardings = param_shardings(config, mesh, fsdp=fsdp)
     except MeshError as e:
         raise RecipeError(f"config key 'mesh': {e}") from None
-    return jax.device_put(params, shardings)
+    return distributed.place(params, shardings)
 
 
-def load_model(cfg: TrainConfig) -> tuple[AriaConfig, dict, object | None]:
+def onto_mesh(tree, mesh):
+    """Leaves still on one local device (step counters, LoRA init, ...) replicated over ``mesh``; others as they are."""
+    if mesh is None:
+        return tree
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: x if x.sharding.device_set == replicated.device_set
+                        else distributed.place(x, replicated), tree)
+
+
+def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | None]:
     from aria_jax.api import Aria
     from aria_jax.config import ConfigError
     from aria_jax.safetensors_io import CheckpointError
@@ -71,7 +106,7 @@ def load_model(cfg: TrainConfig) -> tuple[AriaConfig, dict, object | None]:
         if cfg.model_name_or_path is None:
             model = Aria.from_config(AriaConfig.from_dict(cfg.model_config), seed=cfg.seed, dtype="float32")
         else:
-            model = Aria.from_pretrained(cfg.model_name_or_path, dtype="float32")
+            model = Aria.from_pretrained(cfg.model_name_or_path, dtype="float32", mesh=mesh)  # placed tensor by tensor
     except (ConfigError, CheckpointError) as exc:
         raise RecipeError(str(exc).splitlines()[0]) from None
     processor = model.processor
@@ -82,26 +117,34 @@ def load_model(cfg: TrainConfig) -> tuple[AriaConfig, dict, object | None]:
     return model.config, model.params, processor
 
 
-def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records) -> tuple[D.Loader, int]:
+def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records, rows: Rows = Rows()
+                 ) -> tuple[D.Loader, int]:
+    """The loader; on multi-host it builds only this process's block of rows of each global batch."""
     if records is None:
         seq = min(cfg.max_seq_length, 48)
         source = D.synthetic_source(config, cfg.synthetic_samples, seq, cfg.seed)
-        pad_id, size = 0, cfg.synthetic_samples
+        measure = D.synthetic_measure(config, seq)
+        pad_id, size, side = 0, cfg.synthetic_samples, config.vision.image_size
     else:
         if processor is None:
             raise RecipeError("config key 'model_name_or_path': the model directory has no tokenizer "
                               "(set tokenizer_path)")
         encoder = D.JsonlEncoder(processor, cfg.max_image_size, cfg.split_image)
         source = D.build_source(records, encoder, cfg.max_seq_length)
-        pad_id, size = processor.pad_token_id or 0, len(records)
-    collate = lambda samples: D.collate(samples, pad_id, cfg.max_seq_length, None)
-    return D.Loader(size, source, cfg.per_device_train_batch_size, cfg.seed, collate), size
+        measure = D.build_measure(records, encoder, cfg.max_seq_length)
+        pad_id, size, side = processor.pad_token_id or 0, len(records), cfg.max_image_size
+    pixel_shape = (config.vision.num_channels, side, side)
+    collate = lambda samples, layout: D.collate(samples, pad_id, cfg.max_seq_length, pixel_shape, layout)
+    loader = D.Loader(size, source, cfg.per_device_train_batch_size, cfg.seed, collate, measure, rows.index,
+                      rows.count, rows.image_multiple)
+    return loader, size
 
 
 def build(cfg: TrainConfig) -> Setup:
     mesh = make_train_mesh(cfg.mesh)
     records = None if cfg.dataset_mixer is None else D.load_datasets(cfg.dataset_mixer)  # fail fast on bad data
-    config, params, processor = load_model(cfg)
+    rows = batch_rows(mesh, cfg.per_device_train_batch_size)
+    config, params, processor = load_model(cfg, mesh)
     params = place(params, config, mesh, cfg.fsdp)
     module = AriaModel(config, moe_backend=cfg.moe_backend, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
                        remat=cfg.gradient_checkpointing, mesh=mesh)
@@ -126,15 +169,22 @@ def build(cfg: TrainConfig) -> Setup:
     bad = [i for i in cfg.freeze_llm_layers if not isinstance(i, int) or not 0 <= i < n_layers]
     if bad:
         raise RecipeError(f"config key 'freeze_llm_layers': layer {bad[0]!r} is not in 0..{n_layers - 1}")
-    loader, size = build_loader(cfg, config, processor, records)
-    return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size)
+    loader, size = build_loader(cfg, config, processor, records, rows)
+    return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size, mesh, rows)
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard events in output_dir; on resume the JSONL is cut back to the restored step."""
+    """metrics.jsonl + TensorBoard events in output_dir; on resume the JSONL is cut back to the restored step.
 
-    def __init__(self, output_dir: str, resume_step: int | None):
+    Disabled (writes nothing) on every process but the first.
+    """
+
+    def __init__(self, output_dir: str, resume_step: int | None, enabled: bool = True):
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
         if resume_step is None:
             open(self.path, "w").close()
         elif os.path.exists(self.path):
@@ -150,6 +200,8 @@ class MetricsLog:
             self.tb = None
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -165,8 +217,21 @@ class MetricsLog:
             self.tb.close()
 
 
-def micro_batches(loader: D.Loader, n: int) -> list[dict]:
-    return [loader.next_batch() for _ in range(n)]
+def to_global(setup: Setup, batch: dict) -> dict:
+    """This process's rows -> global arrays on the mesh (rows over ``setup.rows.axes``); numpy without a mesh."""
+    if setup.mesh is None:
+        return batch
+    count = setup.rows.count
+    return {k: distributed.global_batch(setup.mesh, v, setup.rows.axes, len(v) * count) for k, v in batch.items()}
+
+
+def micro_batches(setup: Setup, n: int) -> list[dict]:
+    return [to_global(setup, setup.loader.next_batch()) for _ in range(n)]
+
+
+def _count(x) -> int:
+    """A count over a whole (possibly multi-host) batch array, the same on every process."""
+    return int(jnp.sum(x))
 
 
 def make_step_fns(setup: Setup, total: int) -> tuple[Callable, Callable, Callable, dict]:
@@ -185,14 +250,15 @@ def make_step_fns(setup: Setup, total: int) -> tuple[Callable, Callable, Callabl
                           config.text.num_hidden_layers)
     update = jax.jit(S.make_update(tx, masks, schedule), donate_argnums=(0,))
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": setup.trainable, "opt_state": tx.init(setup.trainable)}
-    return grad_fn, update, add, state
+    trainable = onto_mesh(setup.trainable, setup.mesh)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    return grad_fn, update, add, onto_mesh(state, setup.mesh)
 
 
 def train_step(setup: Setup, fns, state: dict, batches: list[dict], rng: jax.Array) -> tuple[dict, dict]:
     """One optimizer step over ``len(batches)`` micro-batches; returns the new state and its metrics."""
     grad_fn, update, add = fns
-    denom = jnp.float32(max(1, sum(int(np.sum(D.shift_valid(b["labels"]))) for b in batches)))
+    denom = jnp.float32(max(1, sum(_count(D.shift_valid(b["labels"])) for b in batches)))
     grads, totals = None, {"ce_sum": 0.0, "label_tokens": 0, "z_loss": 0.0, "aux_loss": 0.0, "objective": 0.0}
     for i, batch in enumerate(batches):
         (value, m), g = grad_fn(state["trainable"], setup.frozen, batch, jax.random.fold_in(rng, i), denom)
@@ -234,21 +300,33 @@ def export_final(setup: Setup, state: dict) -> None:
     from aria_jax.training.export import export_adapter, export_hf
 
     cfg = setup.cfg
-    trainable = jax.device_get(state["trainable"])
+    multi = distributed.spans_processes(setup.mesh)  # then gather sharded arrays (every process), write on one
+    trainable = jax.tree.map(distributed.to_host, state["trainable"]) if multi else jax.device_get(state["trainable"])
+    frozen = jax.tree.map(distributed.to_host, setup.frozen) if multi else setup.frozen
+    if not distributed.is_main_process():
+        return
     out = os.path.join(cfg.output_dir, "export")
     if cfg.use_peft:
         scale = cfg.lora_alpha / cfg.lora_r
-        merged = merge_lora(setup.frozen, trainable, scale, setup.rules)
+        merged = merge_lora(frozen, trainable, scale, setup.rules)
         export_adapter(trainable, setup.rules, cfg, os.path.join(out, "adapter"))
     else:
-        merged = traverse_util.unflatten_dict({**traverse_util.flatten_dict(setup.frozen),
+        merged = traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
                                                **traverse_util.flatten_dict(trainable)})
     export_hf(merged, setup.config, os.path.join(out, "model"), cfg.model_name_or_path or cfg.tokenizer_path)
 
 
 def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Train as the recipe says; returns the last step's metrics."""
+    """Train as the recipe says; returns the last step's metrics.
+
+    Multi-host (``distributed.initialize()`` first): every process runs this; each builds its own rows of every
+    batch, Orbax saves collectively, and only process 0 logs, writes metrics and exports.
+    """
     from tqdm import tqdm
+
+    main = distributed.is_main_process()
+    if not main:
+        log = lambda message: None
 
     setup = build(cfg)
     total = S.total_steps(cfg, setup.num_samples)
@@ -257,20 +335,20 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     state, start = restore_or_init(setup, manager, state)
     if start is not None:
         log(f"resumed from step {start}")
-    metrics_log = MetricsLog(cfg.output_dir, start)
+    metrics_log = MetricsLog(cfg.output_dir, start, enabled=main)
     flat = traverse_util.flatten_dict(setup.params)
     active = S.active_params(flat, setup.config.text.moe_topk, setup.config.text.moe_num_experts)
     base_rng = jax.random.key(cfg.seed)
     step = int(state["step"])
-    bar = tqdm(total=total, initial=step, disable=jax.process_index() != 0, desc="train")
+    bar = tqdm(total=total, initial=step, disable=not main, desc="train")
     metrics: dict = {}
     while step < total:
         t0 = time.perf_counter()
-        batches = micro_batches(setup.loader, cfg.gradient_accumulation_steps)
+        batches = micro_batches(setup, cfg.gradient_accumulation_steps)
         state, metrics = train_step(setup, (grad_fn, update, add), state, batches, jax.random.fold_in(base_rng, step))
         step += 1
         dt = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens = sum(_count(b["attention_mask"]) for b in batches)
         padded = sum(b["input_ids"].size for b in batches)
         metrics = {"step": step, "epoch": round(setup.loader.epoch_progress, 4), **metrics, "tokens": tokens,
                    "dropped_samples": setup.loader.state["dropped"], "tokens_per_s": tokens / dt,
