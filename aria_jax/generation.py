@@ -24,8 +24,11 @@ MIN_BUCKET = 16
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """The next power of two >= n (at least ``minimum``)."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+    """``n`` rounded up to a quarter of its power of two (16, 20, 24, 28, 32, 40, ... 128, 160, 192, ...), at least
+    ``minimum``: four compiled lengths per octave, at most 25% padding (a power-of-two bucket wastes up to 50%)."""
+    n = max(int(n), minimum)
+    step = max(1, (1 << (n - 1).bit_length()) // 8)
+    return -(-n // step) * step
 
 
 @dataclasses.dataclass

@@ -243,7 +243,7 @@ def compile_inference(cfg: AriaConfig, mesh: Mesh, params: dict, dtype, batch: i
     slots, sampling = seq + max_new, SamplingConfig()
     rows = _batch_spec(mesh, batch)
     tensor = mesh.shape.get("tensor", 1)
-    kv_spec = P(None, *rows, None, "tensor" if tensor > 1 else None, None)
+    kv_spec = P(None, *rows, "tensor" if tensor > 1 else None, None, None)  # (L, B, kv_heads, ., .)
 
     def prefill(params, input_ids, attention_mask):
         return decoder._prefill_impl(params, input_ids, attention_mask, None, None, jax.random.key(0),

@@ -11,7 +11,7 @@ from aria_jax.config import AriaTextConfig
 from aria_jax.layers import LORA, Linear, RMSNorm, lora_delta, masked_softmax, param
 from aria_jax.moe import MoE
 
-# {"k", "v"}: (L, B, S, kv_heads, head_dim) stacked; per-layer {"k", "v"} tuple when unrolled; () for none
+# {"k": (L, B, kv_heads, head_dim, S), "v": (L, B, kv_heads, S, head_dim)}; per layer when unrolled; () for none
 KVCache = dict[str, jax.Array] | tuple
 
 
@@ -59,17 +59,20 @@ class Attention(nn.Module):
         q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq) + lora_delta(self, "q_kernel", x, 1), cos, sin)
         k = apply_rope(jnp.einsum("btd,dkh->btkh", x, wk) + lora_delta(self, "k_kernel", x, 1), cos, sin)
         v = jnp.einsum("btd,dkh->btkh", x, wv) + lora_delta(self, "v_kernel", x, 1)
+        # Keys as (B, kv, head_dim, S) and values as (B, kv, S, head_dim): the layouts the two attention matmuls
+        # read, so a decode step appends one column / row and never transposes the whole cache.
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         if cache:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=3)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=2)
             cache = {"k": k, "v": v}
             k, v = k.astype(x.dtype), v.astype(x.dtype)
         b, t = x.shape[:2]
         # Query head n uses kv head n // (nh / nkv), as transformers' repeat_kv.
         q = q.reshape(b, t, nkv, nh // nkv, hd)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (hd**-0.5)
+        scores = jnp.einsum("btkgh,bkhs->bkgts", q, k) * (hd**-0.5)
         probs = masked_softmax(scores, mask[:, :, None], x.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, nh, hd)
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, nh, hd)
         return jnp.einsum("btnh,nhd->btd", out, wo) + lora_delta(self, "o_kernel", out, 2), cache
 
 
@@ -157,7 +160,7 @@ class TextDecoder(nn.Module):
         cfg = self.config
         b, t, _ = embeds.shape
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, embeds.dtype)
-        kv_len = (cache[0]["k"].shape[1] if self.unrolled else cache["k"].shape[2]) if cache else t
+        kv_len = (cache[0] if self.unrolled else cache)["k"].shape[-1] if cache else t
         mask = causal_mask(attention_mask, b, t, kv_len, 0 if index is None else index)
         if self.unrolled:
             x, router_logits, caches = embeds, [], []
@@ -174,10 +177,10 @@ class TextDecoder(nn.Module):
 
 
 def init_cache(cfg: AriaTextConfig, batch: int, length: int, dtype: jnp.dtype, unrolled: bool = False) -> KVCache:
-    """A zeroed KV cache for every layer: k and v of shape (L, B, length, kv_heads, head_dim), or with
-    ``unrolled`` a tuple of L per-layer {"k", "v"} of shape (B, length, kv_heads, head_dim)."""
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    """A zeroed KV cache for every layer: k of shape (L, B, kv_heads, head_dim, length) and v of shape
+    (L, B, kv_heads, length, head_dim), or with ``unrolled`` a tuple of L per-layer {"k", "v"} without the L."""
+    kv, hd, n = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    shapes = {"k": (batch, kv, hd, length), "v": (batch, kv, length, hd)}
     if unrolled:
-        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers))
-    shape = (cfg.num_hidden_layers, *shape)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return tuple({name: jnp.zeros(shape, dtype) for name, shape in shapes.items()} for _ in range(n))
+    return {name: jnp.zeros((n, *shape), dtype) for name, shape in shapes.items()}

@@ -73,6 +73,15 @@ class VisionEmbeddings(nn.Module):
         return x + jnp.take(table, position_ids(patch_mask, cfg.patches_per_side), axis=0)
 
 
+QUERY_CHUNK = 128  # 1225 or 4900 patches: a full (heads, patches, patches) score array misses every cache
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, head_dim: int) -> jax.Array:
+    scores = jnp.einsum("bqnh,bknh->bnqk", q, k) * (head_dim**-0.5)
+    probs = masked_softmax(scores, key_mask[:, None, None, :], q.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+
+
 class VisionAttention(nn.Module):
     config: AriaVisionConfig
     dtype: jnp.dtype = jnp.float32
@@ -92,9 +101,9 @@ class VisionAttention(nn.Module):
             return jnp.einsum("bpd,dnh->bpnh", x, w) + b
 
         q, k, v = proj("q"), proj("k"), proj("v")
-        scores = jnp.einsum("bqnh,bknh->bnqk", q, k) * (hd**-0.5)
-        probs = masked_softmax(scores, key_mask[:, None, None, :], x.dtype)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+        out = jnp.concatenate(  # query chunks keep each (heads, chunk, patches) score block in cache
+            [_attend(q[:, i : i + QUERY_CHUNK], k, v, key_mask, hd) for i in range(0, q.shape[1], QUERY_CHUNK)], axis=1
+        )
         wo = param(self, "out_kernel", (nh, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype)
         bo = param(self, "out_bias", (d,), ("vision_embed",), self.dtype, nn.initializers.zeros)
         return jnp.einsum("bqnh,nhd->bqd", out, wo) + bo

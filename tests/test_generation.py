@@ -104,7 +104,13 @@ def test_prompt_lengths_in_one_bucket_compile_once(aria_model):
         model.generate(ids, mask, max_new_tokens=5)
         compiled.append(model._decoder._prefill._cache_size())
     assert compiled[1:3] == compiled[:1] * 2 and compiled[3] == compiled[0] + 1  # 11, 13, 16 share; 17 does not
-    assert bucket(11) == bucket(16) == 16 and bucket(17) == 32
+    assert bucket(11) == bucket(16) == 16 and bucket(17) == 20
+
+
+def test_buckets_pad_at_most_a_quarter():
+    sizes = [bucket(n) for n in range(1, 5000)]
+    assert all(n <= b <= max(16, 1.25 * n) for n, b in zip(range(1, 5000), sizes, strict=True))
+    assert len({b for b in sizes if 1024 < b <= 2048}) == 4  # four compiled lengths per octave
 
 
 @pytest.mark.parametrize(
