@@ -1,6 +1,6 @@
 """Decode tokens/s at batch 1 and 8 and image prefill latency: aria_jax next to transformers and the floors, one run.
 
-    python bench/generate.py [--new-tokens 32] [--prompt 64] [--repeats 3]
+    python bench/generate.py [--new-tokens 32] [--prompt 64] [--repeats 5] [--layout auto]
 
 Same random mid-size Aria for both (bench/common.py), float32, CPU. transformers runs eager attention and its
 default (grouped_mm) experts; its decode rate is (time of N+1 new tokens - time of 1) / N, so the prefill is
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64, help="text prompt length")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layout", default="auto", help="aria_jax parameter layout: auto, unrolled or stacked")
     args = parser.parse_args()
 
