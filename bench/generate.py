@@ -4,7 +4,9 @@
 
 Same random mid-size Aria for both (bench/common.py), float32, CPU. transformers runs eager attention and its
 default (grouped_mm) experts; its decode rate is (time of N+1 new tokens - time of 1) / N, so the prefill is
-excluded on both sides. aria_jax is timed warm (compiled), as a serving loop runs. The floors (bench/roofline.py)
+excluded on both sides. aria_jax is timed warm (compiled), as a serving loop runs. Each side runs in its own child
+process on the same saved checkpoint and inputs (torch's idle OpenMP threads spin and would slow whoever runs
+after them in one process). The floors (bench/roofline.py)
 use this machine's bandwidth and matmul rate measured in the same run: a decode step's floor is the bytes it reads
 (with the experts its tokens were really routed to, counted from the router on the generated sequence) over the
 bandwidth; the prefill's is its useful FLOPs over the matmul rate.
@@ -13,7 +15,9 @@ bandwidth; the prefill's is its useful FLOPs over the matmul rate.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -37,46 +41,105 @@ def distinct_experts(model, ids: np.ndarray, first: int) -> float:
     return float(np.mean(counts))
 
 
+def inputs(vocab: int, prompt: int) -> dict:
+    """The same prompts and image for both sides: text batches of 1 and 8, one 490px image (128 tokens) + text."""
+    rng = np.random.default_rng(0)
+    text = {batch: rng.integers(10, vocab, (batch, prompt)) for batch in (1, 8)}
+    pixels = rng.uniform(-1, 1, (1, 3, 490, 490)).astype(np.float32)
+    image_ids = np.concatenate([rng.integers(10, vocab, (1, 8)), np.full((1, MID_P2Q[1225]), 9),
+                                rng.integers(10, vocab, (1, 24))], axis=1)
+    return {"text": text, "pixels": pixels, "image_ids": image_ids}
+
+
+def run_hf(directory: str, n: int, prompt: int, repeats: int) -> dict:
+    import torch
+    from transformers import AriaForConditionalGeneration
+
+    hf = AriaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    hf.set_attn_implementation("eager")
+    data = inputs(hf.config.text_config.vocab_size, prompt)
+    out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    for batch, ids in data["text"].items():
+        t_ids = torch.as_tensor(ids)
+
+        def gen(k, t_ids=t_ids):
+            with torch.no_grad():
+                hf.generate(input_ids=t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=k,
+                            min_new_tokens=k, do_sample=False)
+
+        out[f"decode_s_{batch}"] = (timeit(lambda: gen(n + 1), repeats) - timeit(lambda: gen(1), repeats)) / n
+    t_in = dict(input_ids=torch.as_tensor(data["image_ids"]), pixel_values=torch.as_tensor(data["pixels"]))
+
+    def prefill():
+        with torch.no_grad():
+            hf(**t_in)
+
+    out["prefill_ms"] = 1000 * timeit(prefill, repeats)
+    return out
+
+
+def run_jax(directory: str, n: int, prompt: int, repeats: int, layout: str) -> dict:
+    import jax
+
+    from aria_jax import Aria
+
+    ours = Aria.from_pretrained(directory, dtype="float32", layout=layout)
+    data = inputs(ours.config.text.vocab_size, prompt)
+    out = {"jax": jax.__version__, "platform": jax.devices()[0].platform, "layout": ours.layout,
+           "bandwidth": roofline.measure_bandwidth(), "matmul": roofline.measure_matmul()}
+    for batch, ids in data["text"].items():
+        mask = np.ones_like(ids)
+        decode_s = []
+        for _ in range(repeats + 1):
+            new = ours.generate(ids, mask, max_new_tokens=n + 1, min_new_tokens=n + 1)
+            decode_s.append(ours.last_stats.decode_s / n)
+        out[f"decode_s_{batch}"] = float(np.median(decode_s[1:]))
+        experts = distinct_experts(ours, np.concatenate([ids, new[:, :n]], axis=1), prompt)
+        out[f"experts_{batch}"] = experts
+        out[f"floor_s_{batch}"] = roofline.decode_bytes(ours.config, batch, experts, prompt + n / 2) / out["bandwidth"]
+
+    def prefill():
+        ours.generate(data["image_ids"], pixel_values=data["pixels"], max_new_tokens=1)
+        return ours.last_stats.prefill_ms
+
+    prefill()
+    out["prefill_ms"] = float(np.median([prefill() for _ in range(repeats)]))
+    out["prefill_flops"] = (roofline.vision_flops(ours.config, 1, 1225)
+                            + roofline.text_flops(ours.config, *(data["image_ids"].shape[1],) * 2, 1))
+    return out
+
+
+def child(side: str, directory: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--dir", directory, "--new-tokens", str(args.new_tokens),
+           "--prompt", str(args.prompt), "--repeats", str(args.repeats), "--layout", args.layout]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64, help="text prompt length")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layout", default="auto", help="aria_jax parameter layout: auto, unrolled or stacked")
+    parser.add_argument("--side", choices=("hf", "jax"), help=argparse.SUPPRESS)  # the child processes
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    import jax
-    import torch
-
-    from aria_jax import Aria
-
     n = args.new_tokens
-    bandwidth, matmul_rate = roofline.measure_bandwidth(), roofline.measure_matmul()
-    rng = np.random.default_rng(0)
+    if args.side:
+        run = run_hf(args.dir, n, args.prompt, args.repeats) if args.side == "hf" else run_jax(
+            args.dir, n, args.prompt, args.repeats, args.layout)
+        print(json.dumps(run))
+        return
     with tempfile.TemporaryDirectory() as directory:
-        hf = build_mid_checkpoint(directory)
-        hf.set_attn_implementation("eager")
-        ours = Aria.from_pretrained(directory, dtype="float32", layout=args.layout)
-    vocab = hf.config.text_config.vocab_size
+        build_mid_checkpoint(directory)
+        hf, ours = child("hf", directory, args), child("jax", directory, args)
     rows = []
     for batch in (1, 8):
-        ids = rng.integers(10, vocab, (batch, args.prompt))
-        mask = np.ones_like(ids)
-        t_ids, t_mask = torch.as_tensor(ids), torch.as_tensor(mask)
-
-        def hf_gen(k, t_ids=t_ids, t_mask=t_mask):
-            with torch.no_grad():
-                hf.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=k, min_new_tokens=k,
-                            do_sample=False)
-
-        hf_s = (timeit(lambda: hf_gen(n + 1), args.repeats) - timeit(lambda: hf_gen(1), args.repeats)) / n
-        decode_s = []
-        for _ in range(args.repeats + 1):
-            new = ours.generate(ids, mask, max_new_tokens=n + 1, min_new_tokens=n + 1)
-            decode_s.append(ours.last_stats.decode_s / n)
-        ours_s = float(np.median(decode_s[1:]))
-        experts = distinct_experts(ours, np.concatenate([ids, new[:, :n]], axis=1), args.prompt)
-        floor_s = roofline.decode_bytes(ours.config, batch, experts, args.prompt + n / 2) / bandwidth
+        hf_s, ours_s = hf[f"decode_s_{batch}"], ours[f"decode_s_{batch}"]
+        experts, floor_s = ours[f"experts_{batch}"], ours[f"floor_s_{batch}"]
         rows.append({
             "benchmark": f"decode, batch {batch}",
             "transformers tok/s": f"{batch / hf_s:.1f}",
@@ -85,40 +148,19 @@ def main() -> None:
             "floor": f"{batch / floor_s:.0f} tok/s ({experts:.1f} experts/layer)",
             "aria_jax / floor": roofline.fraction(floor_s, ours_s),
         })
-
-    # Image prefill: one 490px image (128 tokens) + text, time to the first token's logits.
-    patches = 1225
-    pixels = rng.uniform(-1, 1, (1, 3, 490, 490)).astype(np.float32)
-    img_ids = np.concatenate([rng.integers(10, vocab, (1, 8)), np.full((1, MID_P2Q[patches]), 9),
-                              rng.integers(10, vocab, (1, 24))], axis=1)
-    t_in = dict(input_ids=torch.as_tensor(img_ids), pixel_values=torch.as_tensor(pixels))
-
-    def hf_prefill():
-        with torch.no_grad():
-            hf(**t_in)
-
-    def ours_prefill():
-        ours.generate(img_ids, pixel_values=pixels, max_new_tokens=1)
-        return ours.last_stats.prefill_ms
-
-    hf_ms = 1000 * timeit(hf_prefill, args.repeats)
-    ours_prefill()
-    ours_ms = float(np.median([ours_prefill() for _ in range(args.repeats)]))
-    cfg = ours.config
-    flops = roofline.vision_flops(cfg, 1, patches) + roofline.text_flops(cfg, img_ids.shape[1], img_ids.shape[1], 1)
-    floor_ms = 1000 * flops / matmul_rate
+    floor_ms = 1000 * ours["prefill_flops"] / ours["matmul"]
     rows.append({
         "benchmark": "image prefill (490px + 32 text)",
-        "transformers ms": f"{hf_ms:.1f}",
-        "aria_jax ms": f"{ours_ms:.1f}",
-        "ratio": f"{hf_ms / ours_ms:.2f}x",
-        "floor": f"{floor_ms:.0f} ms ({flops / 1e9:.1f} GFLOP)",
-        "aria_jax / floor": roofline.fraction(floor_ms, ours_ms),
+        "transformers ms": f"{hf['prefill_ms']:.1f}",
+        "aria_jax ms": f"{ours['prefill_ms']:.1f}",
+        "ratio": f"{hf['prefill_ms'] / ours['prefill_ms']:.2f}x",
+        "floor": f"{floor_ms:.0f} ms ({ours['prefill_flops'] / 1e9:.1f} GFLOP)",
+        "aria_jax / floor": roofline.fraction(floor_ms, ours["prefill_ms"]),
     })
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); ratio = transformers time / aria_jax time; layout {ours.layout}")
-    print(f"measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s (copy), "
-          f"float32 matmul {matmul_rate / 1e9:.0f} GFLOP/s")
+    print(f"jax {ours['jax']} ({ours['platform']}, layout {ours['layout']}), torch {hf['torch']} "
+          f"({hf['threads']} threads); each in its own process; ratio = transformers time / aria_jax time")
+    print(f"measured: memory bandwidth {ours['bandwidth'] / 1e9:.1f} GB/s (copy), "
+          f"float32 matmul {ours['matmul'] / 1e9:.0f} GFLOP/s")
     print_table(rows, ["benchmark", "transformers tok/s", "aria_jax tok/s", "transformers ms", "aria_jax ms", "ratio",
                        "floor", "aria_jax / floor"])
 
