@@ -91,9 +91,9 @@ class Aria:
     """Aria for inference: ``Aria.from_pretrained(path)``, then ``forward``; ``params`` is a plain pytree.
 
     ``layout`` (aria_jax.param_layout): ``stacked`` runs the decoder layers with ``nn.scan``; ``unrolled`` keeps
-    one array per layer and per expert, which decodes several times faster on CPU. ``params`` always shows the
-    stacked (canonical) tree; under ``unrolled`` it is rebuilt on each access (a copy), ``run_params`` is the
-    tree the model really runs on.
+    one array per layer and per expert, which decodes several times faster on CPU. ``module`` and ``params`` are
+    always the stacked (canonical) pair (under ``unrolled``, ``params`` is rebuilt on each access: a copy);
+    ``run_module`` and ``run_params`` are what ``forward`` and ``generate`` really run.
     """
 
     def __init__(
@@ -116,7 +116,10 @@ class Aria:
         del params
         self.dtype = resolve_dtype(dtype, config)
         self.mesh = mesh  # a jax.sharding.Mesh the params are placed on; its "expert" axis runs expert-parallel
-        self.module = AriaModel(config, moe_backend=moe_backend, dtype=self.dtype, mesh=mesh, unrolled=unrolled)
+        self.module = AriaModel(config, moe_backend=moe_backend, dtype=self.dtype, mesh=mesh)  # pairs with params
+        self.run_module = (  # pairs with run_params
+            AriaModel(config, moe_backend=moe_backend, dtype=self.dtype, unrolled=True) if unrolled else self.module
+        )
         self.processor = processor
         self.generation_config = generation_config or {}
         self.last_stats: GenerationStats | None = None
@@ -176,7 +179,9 @@ class Aria:
     @functools.cached_property
     def _forward(self):
         def run(params, input_ids, attention_mask, pixel_values, pixel_mask):
-            logits, _, _ = self.module.apply({"params": params}, input_ids, attention_mask, pixel_values, pixel_mask)
+            logits, _, _ = self.run_module.apply(
+                {"params": params}, input_ids, attention_mask, pixel_values, pixel_mask
+            )
             return logits
 
         if distributed.spans_processes(self.mesh):  # every process gets the whole logits
@@ -237,7 +242,7 @@ class Aria:
     # -- generation ----------------------------------------------------------------------------------------
     @functools.cached_property
     def _decoder(self) -> Decoder:
-        return Decoder(self.module)
+        return Decoder(self.run_module)
 
     def _stop_rule(self, max_new_tokens: int, min_new_tokens: int, eos_token_id, prompt_len: int) -> StopRule:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -272,8 +277,11 @@ class Aria:
         seed: int = 0,
         eos_token_id=None,
         stop_strings=None,
+        kv_cache: str = "float",
     ) -> dict:
         """Validated arguments for ``Decoder.iterate``; every bad value fails here, before anything is traced."""
+        if kv_cache not in ("float", "int8"):
+            raise ValueError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         input_ids, attention_mask, pixel_values, pixel_mask = _host_inputs(
             input_ids, attention_mask, pixel_values, pixel_mask
         )
@@ -298,15 +306,16 @@ class Aria:
             pixel_mask=pixel_mask,
             sampling=SamplingConfig(bool(do_sample), float(temperature), top_k, float(top_p)),
             rule=self._stop_rule(max_new_tokens, min_new_tokens, eos_token_id, ids.shape[1]),
-            seed=int(seed), stop_check=stop_check,
+            seed=int(seed), stop_check=stop_check, kv_cache=kv_cache,
         )
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, **options) -> np.ndarray:
         """New tokens (B, <= max_new_tokens); rows that stopped early are padded with the pad id.
 
         Options: max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
-        seed=0, eos_token_id=None (the checkpoint's eos ids, as transformers), stop_strings=None. The last call's
-        timing (prefill ms, decode tokens/s) is in ``last_stats``. Multi-host: as ``forward`` (same inputs on
+        seed=0, eos_token_id=None (the checkpoint's eos ids, as transformers), stop_strings=None, kv_cache="float"
+        ("int8": keys and values stored as int8 with per-vector scales, a quarter of the float32 bytes). The last
+        call's timing (prefill ms, decode tokens/s) is in ``last_stats``. Multi-host: as ``forward`` (same inputs on
         every process, or global arrays); every process gets the same numpy tokens.
         """
         plan = self._plan(input_ids, attention_mask, pixel_values, pixel_mask, **options)

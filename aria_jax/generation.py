@@ -66,7 +66,7 @@ class Decoder:
 
     def __init__(self, module: AriaModel):
         self.module = module
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "sampling", "rule"))
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "sampling", "rule", "kv_int8"))
         self._step = jax.jit(self._step_impl, static_argnames=("sampling", "rule"), donate_argnums=(1,))
         self._loop = jax.jit(self._loop_impl, static_argnames=("sampling", "rule"), donate_argnums=(1,))
 
@@ -96,10 +96,10 @@ class Decoder:
         return logits[:, 0], state
 
     def _prefill_impl(self, params, input_ids, attention_mask, pixel_values, pixel_mask, key, *,
-                      cache_len: int, sampling: SamplingConfig, rule: StopRule) -> State:
+                      cache_len: int, sampling: SamplingConfig, rule: StopRule, kv_int8: bool = False) -> State:
         b, p = input_ids.shape
         positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        cache = init_cache(self.module.config.text, b, cache_len, self.module.dtype, self.module.unrolled)
+        cache = init_cache(self.module.config.text, b, cache_len, self.module.dtype, self.module.unrolled, kv_int8)
         mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
         logits, _, cache = self.module.apply(
             {"params": params}, input_ids, mask, pixel_values, pixel_mask, positions=positions,
@@ -151,8 +151,11 @@ class Decoder:
         seed: int = 0,
         stop_check: Callable[[np.ndarray], bool] | None = None,
         stream: bool = False,
+        kv_cache: str = "float",
     ) -> Generator[np.ndarray, None, tuple[np.ndarray, GenerationStats]]:
         """Yields each step's (B,) tokens when ``stream``; returns (new tokens (B, n), stats).
+
+        ``kv_cache``: "float" (the model's dtype) or "int8" (``init_cache(kv_int8=True)``).
 
         Without ``stream`` or ``stop_check`` the whole decode runs in one compiled while-loop; otherwise the host
         looks at every token (``stop_check(row_tokens) -> bool`` marks a row done, e.g. on a stop string).
@@ -165,7 +168,8 @@ class Decoder:
         stats = GenerationStats(prompt_tokens=int(attention_mask.sum()))
         start = time.perf_counter()
         inputs = [self._put(x) for x in (ids, mask, pixel_values, pixel_mask, jax.random.key(seed))]
-        state = self._prefill(params, *inputs, cache_len=bucket(p + rule.max_new), sampling=sampling, rule=rule)
+        state = self._prefill(params, *inputs, cache_len=bucket(p + rule.max_new), sampling=sampling, rule=rule,
+                              kv_int8=kv_cache == "int8")
         jax.block_until_ready(state["token"])
         stats.prefill_ms = 1000 * (time.perf_counter() - start)
         start = time.perf_counter()

@@ -41,6 +41,31 @@ def causal_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len
     return mask[:, None]
 
 
+def _quantize(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 per vector along ``axis`` (head_dim): (int8 values, float32 scales with that axis kept)."""
+    scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axis, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _cache_write(cache: dict, k: jax.Array, v: jax.Array, index) -> dict:
+    """Write keys (B, kv, hd, T) and values (B, kv, T, hd) at slot ``index``; int8 caches also store scales."""
+    put = jax.lax.dynamic_update_slice_in_dim
+    if "k_scale" not in cache:
+        return {"k": put(cache["k"], k.astype(cache["k"].dtype), index, axis=3),
+                "v": put(cache["v"], v.astype(cache["v"].dtype), index, axis=2)}
+    (qk, sk), (qv, sv) = _quantize(k, axis=2), _quantize(v, axis=3)
+    return {"k": put(cache["k"], qk, index, axis=3), "k_scale": put(cache["k_scale"], sk, index, axis=3),
+            "v": put(cache["v"], qv, index, axis=2), "v_scale": put(cache["v_scale"], sv, index, axis=2)}
+
+
+def _cache_read(cache: dict, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    if "k_scale" not in cache:
+        return cache["k"].astype(dtype), cache["v"].astype(dtype)
+    return ((cache["k"].astype(jnp.float32) * cache["k_scale"]).astype(dtype),
+            (cache["v"].astype(jnp.float32) * cache["v_scale"]).astype(dtype))
+
+
 class Attention(nn.Module):
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
@@ -63,10 +88,8 @@ class Attention(nn.Module):
         # read, so a decode step appends one column / row and never transposes the whole cache.
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         if cache:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=3)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=2)
-            cache = {"k": k, "v": v}
-            k, v = k.astype(x.dtype), v.astype(x.dtype)
+            cache = _cache_write(cache, k, v, index)
+            k, v = _cache_read(cache, x.dtype)
         b, t = x.shape[:2]
         # Query head n uses kv head n // (nh / nkv), as transformers' repeat_kv.
         q = q.reshape(b, t, nkv, nh // nkv, hd)
@@ -176,11 +199,22 @@ class TextDecoder(nn.Module):
         return self.lm_head(self.norm(x)), router_logits, cache
 
 
-def init_cache(cfg: AriaTextConfig, batch: int, length: int, dtype: jnp.dtype, unrolled: bool = False) -> KVCache:
+def init_cache(
+    cfg: AriaTextConfig, batch: int, length: int, dtype: jnp.dtype, unrolled: bool = False, kv_int8: bool = False
+) -> KVCache:
     """A zeroed KV cache for every layer: k of shape (L, B, kv_heads, head_dim, length) and v of shape
-    (L, B, kv_heads, length, head_dim), or with ``unrolled`` a tuple of L per-layer {"k", "v"} without the L."""
+    (L, B, kv_heads, length, head_dim), or with ``unrolled`` a tuple of L per-layer {"k", "v"} without the L.
+
+    ``kv_int8``: keys and values stored as int8 with a float32 scale per (row, kv head, position), symmetric over
+    head_dim (``k_scale`` (.., 1, length), ``v_scale`` (.., length, 1)); a quarter of a float32 cache's bytes plus
+    1/head_dim for the scales. The attention reads them dequantized.
+    """
     kv, hd, n = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
     shapes = {"k": (batch, kv, hd, length), "v": (batch, kv, length, hd)}
+    dtypes = {"k": dtype, "v": dtype}
+    if kv_int8:
+        shapes.update(k_scale=(batch, kv, 1, length), v_scale=(batch, kv, length, 1))
+        dtypes = {"k": jnp.int8, "v": jnp.int8, "k_scale": jnp.float32, "v_scale": jnp.float32}
     if unrolled:
-        return tuple({name: jnp.zeros(shape, dtype) for name, shape in shapes.items()} for _ in range(n))
-    return {name: jnp.zeros((n, *shape), dtype) for name, shape in shapes.items()}
+        return tuple({name: jnp.zeros(shape, dtypes[name]) for name, shape in shapes.items()} for _ in range(n))
+    return {name: jnp.zeros((n, *shape), dtypes[name]) for name, shape in shapes.items()}

@@ -39,6 +39,9 @@ def test_same_logits_and_tokens(pair):
     mask[1, :5] = 0  # left padding
     a, b = stacked.forward(ids, mask), unrolled.forward(ids, mask)
     assert rel_err(b, a) <= 1e-5
+    # module + params stay the canonical (stacked) pair under either layout
+    canonical, _, _ = unrolled.module.apply({"params": unrolled.params}, ids, mask)
+    assert rel_err(canonical, a) <= 1e-5
     assert float(np.abs(np.asarray(a)).max()) > 0
     np.testing.assert_array_equal(
         unrolled.generate(ids, mask, max_new_tokens=8), stacked.generate(ids, mask, max_new_tokens=8)
