@@ -38,7 +38,7 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
     from aria_jax.model import AriaModel
     from aria_jax.training import steps as S
 
-    model = Aria.from_pretrained(directory, dtype="float32")
+    model = Aria.from_pretrained(directory, dtype="float32", layout="stacked")
     cfg = model.config
     trainable, frozen = S.split_params(model.params, lambda p: p[0] != "vision_tower")
     from flax import traverse_util

@@ -104,9 +104,11 @@ def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | 
 
     try:
         if cfg.model_name_or_path is None:
-            model = Aria.from_config(AriaConfig.from_dict(cfg.model_config), seed=cfg.seed, dtype="float32")
+            config = AriaConfig.from_dict(cfg.model_config)
+            model = Aria.from_config(config, seed=cfg.seed, dtype="float32", layout="stacked")
         else:
-            model = Aria.from_pretrained(cfg.model_name_or_path, dtype="float32", mesh=mesh)  # placed tensor by tensor
+            # training runs the stacked (scanned) layout; on a mesh each tensor is placed as it is read
+            model = Aria.from_pretrained(cfg.model_name_or_path, dtype="float32", mesh=mesh, layout="stacked")
     except (ConfigError, CheckpointError) as exc:
         raise RecipeError(str(exc).splitlines()[0]) from None
     processor = model.processor
