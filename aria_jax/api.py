@@ -113,7 +113,6 @@ class Aria:
         self.layout = resolve_layout(layout, mesh)
         unrolled = self.layout == "unrolled"
         self.run_params = param_layout.unroll(params) if unrolled and not param_layout.is_unrolled(params) else params
-        del params
         self.dtype = resolve_dtype(dtype, config)
         self.mesh = mesh  # a jax.sharding.Mesh the params are placed on; its "expert" axis runs expert-parallel
         self.module = AriaModel(config, moe_backend=moe_backend, dtype=self.dtype, mesh=mesh)  # pairs with params

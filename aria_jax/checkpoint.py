@@ -3,7 +3,8 @@
 A converted directory holds ``config.json`` (``AriaConfig.to_dict()``), the tokenizer files and ``params/``,
 a standard Orbax checkpoint (zarr arrays, no OCDBT) that ``ocp.PyTreeCheckpointer().restore`` reads with any
 target sharding. Orbax saves whole ``jax.Array``s; to stream, ``ParamWriter`` writes the same zarr arrays
-with tensorstore, layer slice by layer slice, and then writes Orbax's metadata files. Chunks are one layer,
+itself (tensorstore creates each array's metadata; the raw chunk files follow, layer slice by layer slice), and
+then writes Orbax's metadata files. Chunks are one layer,
 one expert, one head and at most 4096 vocabulary rows, so a device restoring its shard reads only that shard.
 """
 
