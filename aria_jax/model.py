@@ -110,12 +110,14 @@ class AriaModel(nn.Module):
         index: jax.Array | None = None,
         last_only: bool = False,
         image_offsets: jax.Array | None = None,
+        hidden: bool = False,
     ) -> tuple[jax.Array, jax.Array, dict | tuple]:
-        """Returns logits (B, T, V), router logits (L, B*T, E) and the updated KV cache (see TextDecoder).
+        """Returns logits (B, T, V) (``hidden``: the hidden states lm_head reads), router logits (L, B*T, E) and the
+        updated KV cache (see TextDecoder).
 
         ``image_offsets``: see ``merge_image_features`` (training batches built per process).
         """
         embeds = self.embed(input_ids, pixel_values, pixel_mask, image_features, image_offsets)
         if positions is None:
             positions = default_positions(input_ids)
-        return self.language_model(embeds, positions, attention_mask, cache, index, last_only)
+        return self.language_model(embeds, positions, attention_mask, cache, index, last_only, hidden)

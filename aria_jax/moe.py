@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from aria_jax import grouped_mlp
 from aria_jax.config import AriaTextConfig
 from aria_jax.expert_parallel import experts_expert_parallel
 from aria_jax.layers import Linear, lora_input, lora_pair, param, silu, softmax
@@ -112,13 +113,65 @@ def experts_gather(
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
+def _pick(a: jax.Array, expert: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(a, expert, keepdims=False)
+
+
+def _blocked_matmuls_lora(
+    blocks: jax.Array, block_expert: jax.Array, gate_up: jax.Array, down: jax.Array, lora: ExpertLora
+) -> jax.Array:
+    """The same blocks with per-expert LoRA pairs (frozen expert weights: plain autodiff costs only the small
+    A/B cotangents)."""
+    num_experts = gate_up.shape[0]
+
+    def expert_matmul(rows, w, pair, expert):
+        out = rows @ _pick(w, expert)
+        if pair is not None:  # (dropout(x) @ A[e]) @ B[e]
+            a, b = _pick(pair[0], expert).astype(rows.dtype), _pick(pair[1], expert).astype(rows.dtype)
+            out = out + (lora.dropout(rows) @ a) @ b
+        return out
+
+    def run_block(_, inputs):
+        rows, expert = inputs
+
+        def compute(rows, expert):
+            h = expert_matmul(rows, gate_up, lora.gate_up, expert)
+            return expert_matmul(_swiglu(h), down, lora.down, expert)
+
+        out = jax.lax.cond(expert < num_experts, compute, lambda r, e: jnp.zeros_like(r), rows, expert)
+        return None, out
+
+    return jax.lax.scan(run_block, None, (blocks, block_expert))[1]
+
+
 def experts_blocked(
     x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
 ) -> jax.Array:
-    """Sorted rows padded per expert to whole blocks; a scan runs each block through its one expert.
+    """Sorted rows, each expert's rows through its own weights with no wasted expert (aria_jax.grouped_mlp).
 
-    At most ``ceil(T*k / block) + E`` blocks exist; unused ones are skipped with ``lax.cond``. Ids >= E (another
-    shard's experts under expert parallelism) contribute zero.
+    Ids >= E (another shard's experts under expert parallelism) contribute zero. With LoRA the rows are padded per
+    expert to whole blocks and a scan runs each block through its expert and LoRA pair.
+    """
+    if lora is not None:
+        return _experts_blocked_lora(x, weights, ids, gate_up, down, lora)
+    t, k = ids.shape
+    num_experts, d = gate_up.shape[0], x.shape[-1]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(jnp.where(flat < num_experts, flat, num_experts), length=num_experts + 1)[:num_experts]
+    rows = jnp.concatenate([jnp.take(x, order // k, axis=0), jnp.zeros((grouped_mlp.SLACK, d), x.dtype)])
+    ys = grouped_mlp.grouped_mlp(rows, sizes.astype(jnp.int32), gate_up, down)[: t * k]
+    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, d)
+    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+
+
+def _experts_blocked_lora(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: ExpertLora
+) -> jax.Array:
+    """Sorted rows padded per expert to whole blocks; a scan runs each block through its expert and LoRA pair.
+
+    At most ``ceil(T*k / block) + E`` blocks exist; unused ones are skipped with ``lax.cond``. The expert weights
+    are frozen under LoRA, so autodiff only accumulates the small A/B cotangents.
     """
     t, k = ids.shape
     num_experts, d = gate_up.shape[0], x.shape[-1]
@@ -138,27 +191,7 @@ def experts_blocked(
     dest = jnp.where(valid, (padded_end - padded)[local] + rank, trash)
     buffer = jnp.zeros((trash + 1, d), x.dtype).at[dest].set(jnp.take(x, order // k, axis=0))
     block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
-
-    lora = lora or ExpertLora()
-
-    def expert_matmul(rows, w, pair, expert):
-        pick = lambda a: jax.lax.dynamic_index_in_dim(a, expert, keepdims=False)  # noqa: E731
-        out = rows @ pick(w)
-        if pair is not None:  # the LoRA branch through the same block: (dropout(x) @ A[e]) @ B[e]
-            out = out + (lora.dropout(rows) @ pick(pair[0]).astype(rows.dtype)) @ pick(pair[1]).astype(rows.dtype)
-        return out
-
-    def run_block(_, inputs):
-        rows, expert = inputs
-
-        def compute(rows, expert):
-            h = expert_matmul(rows, gate_up, lora.gate_up, expert)
-            return expert_matmul(_swiglu(h), down, lora.down, expert)
-
-        out = jax.lax.cond(expert < num_experts, compute, lambda r, e: jnp.zeros_like(r), rows, expert)
-        return None, out
-
-    _, out = jax.lax.scan(run_block, None, (buffer[:trash].reshape(num_blocks, block, d), block_expert))
+    out = _blocked_matmuls_lora(buffer[:trash].reshape(num_blocks, block, d), block_expert, gate_up, down, lora)
     out = jnp.concatenate([out.reshape(-1, d), jnp.zeros((1, d), out.dtype)])
     ys = jnp.take(out, dest, axis=0)
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, d)

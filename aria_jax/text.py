@@ -174,8 +174,10 @@ class TextDecoder(nn.Module):
         cache: KVCache = (),
         index: jax.Array | None = None,
         last_only: bool = False,
+        hidden: bool = False,
     ) -> tuple[jax.Array, jax.Array, KVCache]:
-        """Logits (B, T or 1, V), router logits (L, B*T, E) and the updated cache.
+        """Logits (B, T or 1, V) (``hidden``: the final-norm hidden states (B, T, D) that lm_head would read), router
+        logits (L, B*T, E) and the updated cache.
 
         Without a cache this is the plain causal forward. With one (``init_cache``), the keys and values of
         ``embeds`` are written at slot ``index`` and ``attention_mask`` covers all cache slots.
@@ -196,7 +198,8 @@ class TextDecoder(nn.Module):
             x, (router_logits, cache) = self.layers(embeds, cos, sin, mask, cache, index)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)), router_logits, cache
+        x = self.norm(x)
+        return (x if hidden else self.lm_head(x)), router_logits, cache
 
 
 def init_cache(

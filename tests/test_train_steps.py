@@ -68,3 +68,46 @@ def test_accumulated_micro_batches_equal_one_big_batch(aria_model):
     summed = jax.tree.map(jnp.add, *halves)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(summed), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_lm_head_loss_equals_the_logits_path():
+    """lm_head fused into the loss (custom VJP) gives the loss and gradients of lm_loss_sum(hidden @ kernel)."""
+    from aria_jax.training.losses import lm_loss_sum, lm_loss_sum_linear
+
+    rng = np.random.default_rng(4)
+    hidden = jnp.asarray(rng.standard_normal((2, 9, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((16, 50)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 50, (2, 9)), jnp.int32).at[0, :3].set(-100).at[1, 5].set(-100)
+
+    def fused(h, k):
+        return lm_loss_sum_linear(h, k, labels)[0]
+
+    def plain(h, k):
+        return lm_loss_sum(jnp.einsum("btd,dv->btv", h, k), labels)[0]
+
+    assert lm_loss_sum_linear(hidden, kernel, labels)[1] == lm_loss_sum(hidden @ kernel, labels)[1] == 6 + 7
+    np.testing.assert_allclose(jax.jit(fused)(hidden, kernel), plain(hidden, kernel), rtol=1e-6)
+    got = jax.jit(jax.grad(lambda h, k: 3.0 * fused(h, k), argnums=(0, 1)))(hidden, kernel)
+    want = jax.grad(lambda h, k: 3.0 * plain(h, k), argnums=(0, 1))(hidden, kernel)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(got[0][0, :2])), "positions whose next label is ignored get no gradient"
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+def test_gradient_clipping_matches_torch(scale):
+    import torch
+
+    rng = np.random.default_rng(5)
+    grads = {"a": rng.standard_normal((7, 5)).astype(np.float32) * scale, "b": rng.standard_normal(3).astype(np.float32)}
+    max_norm = 4.0
+    clipped, _ = S.clip_by_global_norm(max_norm).update(jax.tree.map(jnp.asarray, grads), None)
+    tensors = [torch.nn.Parameter(torch.zeros(v.shape)) for v in grads.values()]
+    for t, v in zip(tensors, grads.values(), strict=True):
+        t.grad = torch.as_tensor(v.copy())
+    torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+    for t, v in zip(tensors, clipped.values(), strict=True):
+        np.testing.assert_allclose(np.asarray(v), t.grad.numpy(), rtol=2e-6)
+    norm = float(np.sqrt(sum((v**2).sum() for v in grads.values())))
+    if norm < max_norm:
+        np.testing.assert_array_equal(np.asarray(clipped["a"]), grads["a"])
