@@ -1,10 +1,11 @@
 """Training step throughput and peak memory: aria_jax next to transformers, same random mid-size Aria and batch.
 
-    python bench/train.py [--batch 2] [--seq 256] [--repeats 3]
+    python bench/train.py [--batch 2] [--seq 256] [--repeats 3] [--rounds 2]
 
 Float32 on CPU, full fine-tuning of the whole text model (vision frozen, text-only batch), AdamW step included,
 router losses on for aria_jax (they cost little) and off in transformers (it has none). Each side runs in its own
-subprocess so that its peak RSS (ru_maxrss) is its own; aria_jax is timed warm (compiled).
+subprocess so that its peak RSS (ru_maxrss) is its own; aria_jax is timed warm (compiled). The sides alternate for
+``--rounds`` processes each and each reports its fastest process (the shared VM drifts between processes).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
 
     # The floor: useful FLOPs (forward x 3, only the routed experts each token uses) at the measured matmul rate.
     floor_s = batch * roofline.text_flops(cfg, seq, seq, seq, train=True) / roofline.measure_matmul()
-    return {"step_s": float(np.median(times)), "first_step_s": first, "loss": loss, "floor_s": floor_s}
+    return {"step_s": float(np.median(times)), "first_step_s": first, "loss": loss, "floor_s": floor_s,
+            "times": [round(t, 3) for t in times]}
 
 
 def run_hf(directory: str, batch: int, seq: int, repeats: int) -> dict:
@@ -122,6 +124,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="child processes per side, alternated; each side reports its best process")
     parser.add_argument("--child", choices=("jax", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,21 +133,32 @@ def main() -> None:
         child(args.child, args.dir, args.batch, args.seq, args.repeats)
         return
     rows = []
+    sides = (("hf", "transformers (eager, grouped_mm)"), ("jax", "aria_jax (jit, moe auto)"))
+    results: dict[str, list[dict]] = {side: [] for side, _ in sides}
     with tempfile.TemporaryDirectory() as directory:
         build_mid_checkpoint(directory)
-        for side, name in (("hf", "transformers (eager, grouped_mm)"), ("jax", "aria_jax (jit, moe auto)")):
-            cmd = [sys.executable, __file__, "--child", side, "--dir", directory, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-            tokens = args.batch * args.seq
-            rows.append({"implementation": name, "step s": f"{r['step_s']:.3f}",
-                         "tokens/s": f"{tokens / r['step_s']:.0f}", "first step s": f"{r['first_step_s']:.1f}",
-                         "peak RSS MB": f"{r['peak_rss_mb']:.0f}", "loss": f"{r['loss']:.4f}"})
-            if "floor_s" in r:
-                rows[-1]["floor s"] = f"{r['floor_s']:.3f} ({100 * r['floor_s'] / r['step_s']:.0f}%)"
+        # The shared VM's speed drifts between processes (+-15% for the same code): alternate the sides and keep
+        # each side's fastest process, so both get the same chances.
+        for _ in range(args.rounds):
+            for side, _name in sides:
+                cmd = [sys.executable, __file__, "--child", side, "--dir", directory, "--batch", str(args.batch),
+                       "--seq", str(args.seq), "--repeats", str(args.repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                results[side].append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+    tokens = args.batch * args.seq
+    for side, name in sides:
+        r = min(results[side], key=lambda r: r["step_s"])
+        all_steps = ", ".join(f"{x['step_s']:.2f}" for x in results[side])
+        rows.append({"implementation": name, "step s": f"{r['step_s']:.3f}", "per process": all_steps,
+                     "tokens/s": f"{tokens / r['step_s']:.0f}", "first step s": f"{r['first_step_s']:.1f}",
+                     "peak RSS MB": f"{r['peak_rss_mb']:.0f}", "loss": f"{r['loss']:.4f}"})
+        if "floor_s" in r:
+            rows[-1]["floor s"] = f"{r['floor_s']:.3f} ({100 * r['floor_s'] / r['step_s']:.0f}%)"
+    ratio = float(rows[0]["step s"]) / float(rows[1]["step s"])
     print(f"batch {args.batch} x {args.seq} tokens, float32, CPU ({os.cpu_count()} cores)")
-    print_table(rows, ["implementation", "step s", "tokens/s", "first step s", "peak RSS MB", "loss", "floor s"])
+    print_table(rows, ["implementation", "step s", "per process", "tokens/s", "first step s", "peak RSS MB", "loss",
+                       "floor s"])
+    print(f"aria_jax / transformers tokens/s: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
