@@ -75,6 +75,37 @@ def _write_chunk(path: str, block: np.ndarray, dtype: np.dtype) -> None:
         f.write(data.reshape(-1).view(np.uint8))
 
 
+def contiguous_chunks(shape: tuple[int, ...], chunks: tuple[int, ...]) -> bool:
+    """Whether every chunk is one contiguous byte range of the C-order value: chunks of one element along the
+    leading axes, then at most one split axis, then whole axes (chunk j then holds bytes [j, j + 1) x chunk size)."""
+    axis = 0
+    while axis < len(shape) and chunks[axis] == 1:
+        axis += 1
+    return all(c == n for c, n in zip(chunks[axis + 1:], shape[axis + 1:], strict=True))
+
+
+def _copy_chunk(src: str, offset: int, size: int, path: str) -> None:
+    """``size`` bytes of ``src`` from ``offset`` into a new file ``path``, in the kernel where it can."""
+    with open(src, "rb", buffering=0) as fin, open(path, "wb", buffering=0) as fout:
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except (OSError, AttributeError):  # no copy_file_range here (kernel, filesystem or platform)
+            fin.seek(offset + done)
+            while done < size:
+                block = fin.read(min(size - done, 64 << 20))
+                if not block:
+                    break
+                fout.write(block)
+                done += len(block)
+        if done < size:
+            raise CheckpointError(f"{src}: truncated file: {size - done} bytes missing at offset {offset + done}")
+
+
 class ParamWriter:
     """Writes params into ``directory/params`` as an Orbax checkpoint, one tensor or one layer slice per call.
 
@@ -128,6 +159,35 @@ class ParamWriter:
         self._pending = [
             self._pool.submit(_write_chunk, os.path.join(directory, key), block, self.dtype)
             for key, block in chunk_pieces(np.asarray(value), chunks, prefix)
+        ]
+        self._written.setdefault(path, set()).add(layer)
+
+    def can_copy(self, path: Path, layer: int | None, dtype: np.dtype) -> bool:
+        """Whether ``copy_file`` can write this parameter (or layer slice) straight from a source file's bytes."""
+        if path not in self.shapes or np.dtype(dtype) != self.dtype:
+            return False
+        shape, chunks = self.shapes[path], self.chunks[path]
+        if layer is not None:
+            shape, chunks = shape[1:], chunks[1:]
+        return contiguous_chunks(shape, chunks)
+
+    def copy_file(self, path: Path, layer: int | None, src: str, offset: int, size: int) -> None:
+        """Like ``write`` for a value whose bytes are ``size`` bytes of file ``src`` at ``offset`` (C order, this
+        writer's dtype; see ``can_copy``): each chunk file is copied file to file, no bytes pass through Python."""
+        shape, chunks = self.shapes[path], self.chunks[path]
+        prefix: tuple[int, ...] = ()
+        if layer is not None:
+            shape, chunks, prefix = shape[1:], chunks[1:], (layer,)
+        if size != math.prod(shape) * self.dtype.itemsize:
+            raise CheckpointError(f"parameter {'.'.join(path)}: {size} source bytes, expected shape {shape}")
+        directory = self._array(path)
+        chunk_bytes = math.prod(chunks) * self.dtype.itemsize
+        grid = [range(n // c) for n, c in zip(shape, chunks, strict=True)]
+        self.wait()
+        self._pending = [
+            self._pool.submit(_copy_chunk, src, offset + j * chunk_bytes, chunk_bytes,
+                              os.path.join(directory, ".".join(map(str, prefix + index)) or "0"))
+            for j, index in enumerate(itertools.product(*grid))
         ]
         self._written.setdefault(path, set()).add(layer)
 

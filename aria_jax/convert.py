@@ -22,7 +22,7 @@ import numpy as np
 
 from aria_jax.checkpoint import ParamWriter
 from aria_jax.config import AriaConfig
-from aria_jax.safetensors_io import DTYPES, CheckpointError, index_tensors, open_checkpoint
+from aria_jax.safetensors_io import DTYPES, CheckpointError, SafetensorsFile, index_tensors, open_checkpoint
 from aria_jax.weights import Item, plan_tensors
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json")
@@ -178,20 +178,36 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     )
 
 
+def _file_copy(item: Item, writer: ParamWriter) -> tuple[str, int, int] | None:
+    """(file, offset, bytes) when the item's one parameter holds its safetensors bytes unchanged: copied file to
+    file (experts and embeddings, most of Aria's bytes, in the hub and transformers5 layouts)."""
+    if not isinstance(item.file, SafetensorsFile) or len(item.targets) != 1 or not item.targets[0].is_identity:
+        return None
+    target = item.targets[0]
+    if not writer.can_copy(target.path, target.layer, item.file.dtype(item.key)):
+        return None
+    return (item.file.path, *item.file.byte_range(item.key))
+
+
 def write_params(items: list[Item], writer: ParamWriter, progress: bool = True) -> int:
     """Stream every item's tensor through its transforms into ``writer``; returns the bytes read.
 
     Three stages overlap: a thread reads the next tensor (file I/O releases the GIL) while this one transforms
-    the current tensor and tensorstore writes the previous one. Host memory holds those three at most.
+    the current tensor and the writer's threads write the previous one. Host memory holds those three at most.
+    A tensor stored unchanged is copied file to file by the writer's threads instead (never read into memory).
     """
     total = sum(item.nbytes for item in items)
+    copies = [_file_copy(item, writer) for item in items]
+    load = lambda i: None if copies[i] else items[i].file.read(items[i].key)  # noqa: E731
     try:
         with progress_bar(total, "convert", progress) as bar, ThreadPoolExecutor(1, "aria-read") as reader:
-            ahead = reader.submit(items[0].file.read, items[0].key) if items else None
+            ahead = reader.submit(load, 0) if items else None
             for i, item in enumerate(items):
                 raw = ahead.result()
-                ahead = reader.submit(items[i + 1].file.read, items[i + 1].key) if i + 1 < len(items) else None
-                for target in item.targets:
+                ahead = reader.submit(load, i + 1) if i + 1 < len(items) else None
+                if copies[i]:
+                    writer.copy_file(item.targets[0].path, item.targets[0].layer, *copies[i])
+                for target in item.targets if raw is not None else ():
                     writer.write(target.path, target.layer, target.transform(raw))
                 del raw
                 bar.update(item.nbytes)

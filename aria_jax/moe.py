@@ -4,8 +4,9 @@ The routed experts have interchangeable backends selected by name:
 - ``"ragged"``: sort the (token, slot) pairs by expert and run a grouped matmul with ``jax.lax.ragged_dot``;
 - ``"gather"``: gather each (token, slot)'s expert weights and run batched matvecs; reads only the selected
   experts, the right choice for decode and other small token counts;
-- ``"blocked"``: sort, pad each expert's rows to a block multiple, and scan over the blocks, one expert each;
-  no wasted expert FLOPs (``ragged_dot`` lowers to an E-times dense matmul on CPU), differentiable;
+- ``"blocked"``: sort, then each expert's contiguous rows through its own weights in chunks, with a hand-written
+  VJP (aria_jax.grouped_mlp); with LoRA, rows padded per expert to whole blocks and a scan over the blocks. Few
+  wasted expert FLOPs (``ragged_dot`` lowers to an E-times dense matmul on CPU); the CPU training path;
 - ``"dense"``: every expert on every token, combined with the routing weights; a simple reference for tests;
 - ``"auto"``: ``gather`` when tokens x top-k <= experts (decode); otherwise ``blocked`` on CPU, ``ragged`` elsewhere.
 

@@ -91,6 +91,11 @@ class SafetensorsFile:
         _, _, begin, end = self._entries[key]
         return end - begin
 
+    def byte_range(self, key: str) -> tuple[int, int]:
+        """(absolute file offset, byte count) of the tensor's data."""
+        _, _, begin, end = self._entries[key]
+        return self._data_start + begin, end - begin
+
     def get(self, key: str) -> np.ndarray:
         """The tensor as a read-only memory map (no copy until it is used)."""
         dtype, shape, begin, end = self._entries[key]

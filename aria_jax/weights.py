@@ -101,6 +101,11 @@ class Target:
     transform: Fn
     inverse: Fn = lambda w: w
 
+    @property
+    def is_identity(self) -> bool:
+        """Whether the parameter holds the tensor's bytes unchanged (same shape and element order)."""
+        return self.transform is _ident_fwd
+
 
 def _t_fwd(w: np.ndarray) -> np.ndarray:
     return w.T

@@ -323,3 +323,51 @@ def test_hub_id_downloads_only_needed_files_at_a_revision(checkpoint, tmp_path, 
     assert main(["convert", "rhymes-ai/Missing", str(tmp_path / "e"), "--quiet"]) == 2
     assert "rhymes-ai/Missing: cannot fetch from the hub (OSError: offline and not cached)" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_unchanged_tensors_are_copied_file_to_file(checkpoint, tmp_path, monkeypatch):
+    """Expert and embedding tensors stored unchanged (same dtype) skip the host: copied file to file, bytes equal."""
+    from aria_jax.checkpoint import ParamWriter
+
+    copied, written = [], []
+    real_copy, real_write = ParamWriter.copy_file, ParamWriter.write
+    monkeypatch.setattr(ParamWriter, "copy_file", lambda self, p, *a: (copied.append(p), real_copy(self, p, *a)))
+    monkeypatch.setattr(ParamWriter, "write", lambda self, p, *a: (written.append(p), real_write(self, p, *a)))
+    src = checkpoint(NAME, "transformers5")
+    dst = str(tmp_path / "d")
+    assert main(["convert", src, dst, "--dtype", "float32", "--quiet"]) == 0
+    cfg = AriaConfig.from_pretrained(dst)
+    layers = cfg.text.num_hidden_layers
+    experts = ("language_model", "layers", "mlp", "gate_up"), ("language_model", "layers", "mlp", "down")
+    assert all(copied.count(p) == layers for p in experts)
+    assert ("language_model", "embed_tokens") in copied
+    assert not set(copied) & set(written)
+    assert ("language_model", "lm_head", "kernel") in written  # transposed: through the host
+    from aria_jax.sharding import abstract_params
+
+    params = restore_params(dst, abstract_params(cfg, np.float32)[0])
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    gate_up = tensors["model.language_model.layers.1.mlp.experts.gate_up_proj"].numpy()
+    np.testing.assert_array_equal(np.asarray(params["language_model"]["layers"]["mlp"]["gate_up"][1]), gate_up)
+
+
+def test_file_copy_falls_back_to_read_write_and_reports_truncation(tmp_path, monkeypatch):
+    from aria_jax.checkpoint import _copy_chunk, contiguous_chunks
+    from aria_jax.safetensors_io import CheckpointError
+
+    src = tmp_path / "src.bin"
+    data = np.random.default_rng(0).integers(0, 255, 10_000, dtype=np.uint8).tobytes()
+    src.write_bytes(data)
+    _copy_chunk(str(src), 123, 5000, str(tmp_path / "a"))
+    assert (tmp_path / "a").read_bytes() == data[123:5123]
+
+    def unsupported(*args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    _copy_chunk(str(src), 7, 9000, str(tmp_path / "b"))
+    assert (tmp_path / "b").read_bytes() == data[7:9007]
+    with pytest.raises(CheckpointError, match=r"src.bin: truncated file: 1000 bytes missing at offset 10000"):
+        _copy_chunk(str(src), 1000, 10_000, str(tmp_path / "c"))
+    assert contiguous_chunks((4, 8, 6), (1, 8, 6)) and contiguous_chunks((4, 8, 6), (1, 2, 6))
+    assert not contiguous_chunks((4, 8, 6), (1, 8, 3)) and not contiguous_chunks((4, 8, 6), (2, 1, 6))

@@ -111,3 +111,37 @@ def test_gradient_clipping_matches_torch(scale):
     norm = float(np.sqrt(sum((v**2).sum() for v in grads.values())))
     if norm < max_norm:
         np.testing.assert_array_equal(np.asarray(clipped["a"]), grads["a"])
+
+
+@pytest.mark.parametrize("lm_head_lora", [False, True])
+def test_objective_equals_the_model_logits_loss(aria_model, lm_head_lora):
+    """The objective (lm_head fused into the loss, or through the model when lm_head has a LoRA pair) equals
+    lm_loss_sum over the model's own logits; a LoRA pair on lm_head changes the value (it is not dropped)."""
+    from aria_jax.layers import LORA
+    from aria_jax.model import AriaModel
+    from aria_jax.training.lora import scale_lora
+    from aria_jax.training.losses import lm_loss_sum
+
+    model = aria_model("gqa")
+    module = AriaModel(model.config, "dense")
+    rng = np.random.default_rng(6)
+    ids = rng.integers(10, 128, (2, 11)).astype(np.int32)
+    labels = ids.copy()
+    labels[0, :4] = -100
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(ids), "labels": jnp.asarray(labels)}
+    denom = jnp.float32(np.sum(labels[:, 1:] != -100))
+    d, v = model.params["language_model"]["lm_head"]["kernel"].shape
+    if lm_head_lora:
+        trainable = {"language_model": {"lm_head": {
+            "kernel_a": jnp.asarray(rng.standard_normal((d, 4)) * 0.3, jnp.float32),
+            "kernel_b": jnp.asarray(rng.standard_normal((4, v)) * 0.3, jnp.float32)}}}
+        spec, frozen = S.LossSpec(2, 0.0, 0.0, 1, 2.0), model.params
+        variables = {"params": model.params, LORA: scale_lora(trainable, 2.0)}
+    else:
+        trainable, frozen = model.params, {}
+        spec, variables = S.LossSpec(2, 0.0, 0.0, 1, None), {"params": model.params}
+    value, _ = jax.jit(S.make_objective(module, spec))(trainable, frozen, batch, jax.random.key(0), denom)
+    logits = module.apply(variables, batch["input_ids"], batch["attention_mask"])[0]
+    np.testing.assert_allclose(value, lm_loss_sum(logits, batch["labels"])[0] / denom, rtol=1e-5)
+    plain = module.apply({"params": model.params}, batch["input_ids"], batch["attention_mask"])[0]
+    assert (abs(float(value) - float(lm_loss_sum(plain, batch["labels"])[0] / denom)) > 1e-3) == lm_head_lora
