@@ -114,16 +114,57 @@ class ParamWriter:
     queues the next, so host memory holds the value being written and the one being prepared, never the tree.
     """
 
-    def __init__(self, directory: str, param_shapes: dict, logical: dict, dtype: jnp.dtype):
+    def __init__(self, directory: str, param_shapes: dict | Future, logical: dict | None, dtype: jnp.dtype):
+        """``param_shapes`` and ``logical`` (see sharding.abstract_params), or a Future of that pair as
+        ``param_shapes`` (logical None): then only ``preset`` parameters can be written until it resolves."""
         self.root = os.path.join(directory, PARAMS_DIR)
         os.makedirs(self.root, exist_ok=True)
         self.dtype = np.dtype(dtype)
-        self.shapes: dict[Path, tuple[int, ...]] = {p: s.shape for p, s in _leaves(param_shapes).items()}
-        self.chunks = {p: chunk_shape(self.shapes[p], tuple(spec)) for p, spec in _leaves(logical).items()}
+        self._layout = param_shapes if isinstance(param_shapes, Future) else None
+        self._shapes: dict[Path, tuple[int, ...]] = {}
+        self._chunks: dict[Path, tuple[int, ...]] = {}
+        self._presets: set[Path] = set()
+        if self._layout is None:
+            self._set_layout(param_shapes, logical)
         self._created: set[Path] = set()
         self._written: dict[Path, set[int | None]] = {}
         self._pool = ThreadPoolExecutor(2, "aria-write")
         self._pending: list[Future] = []
+
+    def _set_layout(self, param_shapes: dict, logical: dict) -> None:
+        shapes = {p: s.shape for p, s in _leaves(param_shapes).items()}
+        chunks = {p: chunk_shape(shapes[p], tuple(spec)) for p, spec in _leaves(logical).items()}
+        for path in self._presets:  # what was written early must be what the model declares
+            if (shapes.get(path), chunks.get(path)) != (self._shapes[path], self._chunks[path]):
+                raise CheckpointError(f"{self.root}: parameter {'.'.join(path)}: preset layout differs from the model")
+        self._shapes, self._chunks = shapes, chunks
+
+    def preset(self, path: Path, shape: tuple[int, ...], logical: tuple[str | None, ...]) -> None:
+        """Declare one parameter before the model's layout is known (checked against it when it is)."""
+        if self._layout is not None:
+            self._shapes[path], self._chunks[path] = tuple(shape), chunk_shape(tuple(shape), logical)
+            self._presets.add(path)
+
+    def is_preset(self, path: Path) -> bool:
+        return path in self._presets
+
+    def _resolve(self) -> None:
+        if self._layout is not None:
+            layout, self._layout = self._layout, None
+            self._set_layout(*layout.result())
+
+    @property
+    def shapes(self) -> dict[Path, tuple[int, ...]]:
+        return self._shapes
+
+    @property
+    def chunks(self) -> dict[Path, tuple[int, ...]]:
+        return self._chunks
+
+    def _known(self, path: Path) -> bool:
+        if path not in self._shapes:
+            self._resolve()
+        return path in self._shapes
 
     def _array(self, path: Path) -> str:
         """The zarr array's directory, created (metadata only) on first use."""
@@ -148,7 +189,7 @@ class ParamWriter:
 
     def write(self, path: Path, layer: int | None, value: np.ndarray) -> None:
         """Write a whole parameter (``layer`` None) or one slice of a stacked one."""
-        if path not in self.shapes:
+        if not self._known(path):
             raise CheckpointError(f"{self.root}: no parameter {'.'.join(path)} in this model")
         expected = self.shapes[path] if layer is None else self.shapes[path][1:]
         if value.shape != expected:
@@ -164,7 +205,7 @@ class ParamWriter:
 
     def can_copy(self, path: Path, layer: int | None, dtype: np.dtype) -> bool:
         """Whether ``copy_file`` can write this parameter (or layer slice) straight from a source file's bytes."""
-        if path not in self.shapes or np.dtype(dtype) != self.dtype:
+        if not self._known(path) or np.dtype(dtype) != self.dtype:
             return False
         shape, chunks = self.shapes[path], self.chunks[path]
         if layer is not None:
@@ -198,7 +239,7 @@ class ParamWriter:
 
     def abandon(self) -> None:
         """After a failure: let queued chunk writes finish (so nothing writes into a removed directory), quietly."""
-        for future in self._pending:
+        for future in self._pending + ([self._layout] if self._layout is not None else []):
             future.exception()
         self._pending = []
         self._pool.shutdown()
@@ -206,6 +247,7 @@ class ParamWriter:
     def close(self) -> None:
         """Finish pending writes, check every parameter was written in full, write Orbax's metadata."""
         self.wait()
+        self._resolve()
         self._pool.shutdown()
         for path, shape in self.shapes.items():
             done = self._written.get(path, set())

@@ -371,3 +371,15 @@ def test_file_copy_falls_back_to_read_write_and_reports_truncation(tmp_path, mon
         _copy_chunk(str(src), 1000, 10_000, str(tmp_path / "c"))
     assert contiguous_chunks((4, 8, 6), (1, 8, 6)) and contiguous_chunks((4, 8, 6), (1, 2, 6))
     assert not contiguous_chunks((4, 8, 6), (1, 8, 3)) and not contiguous_chunks((4, 8, 6), (2, 1, 6))
+
+
+def test_early_copies_are_checked_against_the_traced_layout(checkpoint, tmp_path, monkeypatch, capsys):
+    """Expert copies start before the model is traced; a preset that disagrees with the model fails, DST absent."""
+    import aria_jax.convert as convert_module
+
+    path = ("language_model", "layers", "mlp", "gate_up")
+    monkeypatch.setitem(convert_module.EARLY_AXES, path, ("layers", None, "expert_embed", "expert_mlp"))
+    dst = tmp_path / "d"
+    assert main(["convert", checkpoint(NAME, "hub"), str(dst), "--quiet"]) == 2
+    assert "language_model.layers.mlp.gate_up: preset layout differs from the model" in capsys.readouterr().err
+    assert not dst.exists()
