@@ -112,7 +112,9 @@ def abstract_params(cfg: AriaConfig, dtype: jnp.dtype) -> tuple[dict, dict]:
     from aria_jax.api import example_inputs  # api imports this module lazily; avoid the cycle at import time
     from aria_jax.model import AriaModel
 
-    boxed = jax.eval_shape(AriaModel(cfg, dtype=dtype).init, jax.random.key(0), **example_inputs(cfg))["params"]
+    # The dense expert backend declares the same parameters and traces in about half the time of the grouped one.
+    model = AriaModel(cfg, dtype=dtype, moe_backend="dense")
+    boxed = jax.eval_shape(model.init, jax.random.key(0), **example_inputs(cfg))["params"]
     return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
