@@ -121,8 +121,8 @@ class ParamWriter:
         os.makedirs(self.root, exist_ok=True)
         self.dtype = np.dtype(dtype)
         self._layout = param_shapes if isinstance(param_shapes, Future) else None
-        self._shapes: dict[Path, tuple[int, ...]] = {}
-        self._chunks: dict[Path, tuple[int, ...]] = {}
+        self.shapes: dict[Path, tuple[int, ...]] = {}
+        self.chunks: dict[Path, tuple[int, ...]] = {}
         self._presets: set[Path] = set()
         if self._layout is None:
             self._set_layout(param_shapes, logical)
@@ -135,14 +135,14 @@ class ParamWriter:
         shapes = {p: s.shape for p, s in _leaves(param_shapes).items()}
         chunks = {p: chunk_shape(shapes[p], tuple(spec)) for p, spec in _leaves(logical).items()}
         for path in self._presets:  # what was written early must be what the model declares
-            if (shapes.get(path), chunks.get(path)) != (self._shapes[path], self._chunks[path]):
+            if (shapes.get(path), chunks.get(path)) != (self.shapes[path], self.chunks[path]):
                 raise CheckpointError(f"{self.root}: parameter {'.'.join(path)}: preset layout differs from the model")
-        self._shapes, self._chunks = shapes, chunks
+        self.shapes, self.chunks = shapes, chunks
 
     def preset(self, path: Path, shape: tuple[int, ...], logical: tuple[str | None, ...]) -> None:
         """Declare one parameter before the model's layout is known (checked against it when it is)."""
         if self._layout is not None:
-            self._shapes[path], self._chunks[path] = tuple(shape), chunk_shape(tuple(shape), logical)
+            self.shapes[path], self.chunks[path] = tuple(shape), chunk_shape(tuple(shape), logical)
             self._presets.add(path)
 
     def is_preset(self, path: Path) -> bool:
@@ -153,18 +153,10 @@ class ParamWriter:
             layout, self._layout = self._layout, None
             self._set_layout(*layout.result())
 
-    @property
-    def shapes(self) -> dict[Path, tuple[int, ...]]:
-        return self._shapes
-
-    @property
-    def chunks(self) -> dict[Path, tuple[int, ...]]:
-        return self._chunks
-
     def _known(self, path: Path) -> bool:
-        if path not in self._shapes:
+        if path not in self.shapes:
             self._resolve()
-        return path in self._shapes
+        return path in self.shapes
 
     def _array(self, path: Path) -> str:
         """The zarr array's directory, created (metadata only) on first use."""

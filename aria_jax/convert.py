@@ -216,8 +216,10 @@ def write_params(items: list[Item], writer: ParamWriter, progress: bool = True) 
     one. Host memory holds those three at most.
     """
     total = sum(item.nbytes for item in items)
-    early = [item for item in items if len(item.targets) == 1 and writer.is_preset(item.targets[0].path)]
-    rest = [item for item in items if not (len(item.targets) == 1 and writer.is_preset(item.targets[0].path))]
+    early: list[Item] = []
+    rest: list[Item] = []
+    for item in items:
+        (early if len(item.targets) == 1 and writer.is_preset(item.targets[0].path) else rest).append(item)
     try:
         with progress_bar(total, "convert", progress) as bar, ThreadPoolExecutor(1, "aria-read") as reader:
             for item in early:

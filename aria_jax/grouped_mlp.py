@@ -16,13 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aria_jax.layers import swiglu
+
 CHUNKS = (128, 64, 32, 16)  # rows per matmul, largest first
 SLACK = CHUNKS[0]  # rows the caller appends after the last expert's rows (a last chunk may run past them)
-
-
-def _swiglu(h: jax.Array) -> jax.Array:
-    gate, up = jnp.split(h, 2, axis=-1)  # first half is the SiLU gate in every Aria version
-    return jax.nn.silu(gate.astype(jnp.float32)).astype(h.dtype) * up
 
 
 def _expert_loop(start: jax.Array, size: jax.Array, carry, chunk_fn):
@@ -55,7 +52,7 @@ def _forward(rows, sizes, gate_up, down):
             out, h_all = c
             x = jax.lax.dynamic_slice_in_dim(rows, pos, n)
             h = x @ w1
-            y = jnp.where(valid[:, None], _swiglu(h) @ w2, 0)
+            y = jnp.where(valid[:, None], swiglu(h) @ w2, 0)
             return (jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), pos, 0),
                     jax.lax.dynamic_update_slice_in_dim(h_all, h, pos, 0))
 
@@ -89,7 +86,7 @@ def _grouped_mlp_bwd(res, d_out):
             d_rows, g1, g2 = c
             x = jax.lax.dynamic_slice_in_dim(rows, pos, n)
             dy = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(d_out, pos, n), 0)
-            act, swiglu_vjp = jax.vjp(_swiglu, jax.lax.dynamic_slice_in_dim(h_all, pos, n))
+            act, swiglu_vjp = jax.vjp(swiglu, jax.lax.dynamic_slice_in_dim(h_all, pos, n))
             (d_h,) = swiglu_vjp(dy @ w2.T)
             g1 = g1 + jnp.einsum("nd,nf->df", x, d_h, preferred_element_type=acc)
             g2 = g2 + jnp.einsum("nf,nd->fd", act, dy, preferred_element_type=acc)

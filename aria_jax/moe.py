@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from aria_jax import grouped_mlp
 from aria_jax.config import AriaTextConfig
 from aria_jax.expert_parallel import experts_expert_parallel
-from aria_jax.layers import Linear, lora_input, lora_pair, param, silu, softmax
+from aria_jax.layers import Linear, lora_input, lora_pair, param, silu, softmax, swiglu
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -41,9 +41,11 @@ def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array
     return logits, softmax(top_logits), top_ids
 
 
-def _swiglu(h: jax.Array) -> jax.Array:
-    gate, up = jnp.split(h, 2, axis=-1)  # first half is the SiLU gate in every Aria version
-    return silu(gate) * up
+def _combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+    """Outputs of the expert-sorted (token, slot) rows back in (token, slot) order, summed with the routing weights."""
+    t, k = weights.shape
+    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
 Pair = tuple[jax.Array, jax.Array] | None
@@ -85,10 +87,9 @@ def experts_ragged(
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)
     h = jax.lax.ragged_dot(xs, gate_up, group_sizes) + _ragged_lora(xs, lora.gate_up, group_sizes, lora.dropout)
-    act = _swiglu(h)
+    act = swiglu(h)
     ys = jax.lax.ragged_dot(act, down, group_sizes) + _ragged_lora(act, lora.down, group_sizes, lora.dropout)
-    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+    return _combine(ys, order, weights)
 
 
 def experts_dense(
@@ -98,7 +99,7 @@ def experts_dense(
     if lora is not None:  # LoRA merged into the expert weights (no LoRA dropout on this backend)
         gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
     h = jnp.einsum("td,edf->tef", x, gate_up)
-    y = jnp.einsum("tef,efd->ted", _swiglu(h), down)
+    y = jnp.einsum("tef,efd->ted", swiglu(h), down)
     y = jnp.take_along_axis(y, ids[:, :, None], axis=1)  # (T, k, D)
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
@@ -110,39 +111,8 @@ def experts_gather(
     if lora is not None:  # LoRA merged into the expert weights (no LoRA dropout on this backend)
         gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
     h = jnp.einsum("td,tkdf->tkf", x, jnp.take(gate_up, ids, axis=0))
-    y = jnp.einsum("tkf,tkfd->tkd", _swiglu(h), jnp.take(down, ids, axis=0))
+    y = jnp.einsum("tkf,tkfd->tkd", swiglu(h), jnp.take(down, ids, axis=0))
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
-
-
-def _pick(a: jax.Array, expert: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_index_in_dim(a, expert, keepdims=False)
-
-
-def _blocked_matmuls_lora(
-    blocks: jax.Array, block_expert: jax.Array, gate_up: jax.Array, down: jax.Array, lora: ExpertLora
-) -> jax.Array:
-    """The same blocks with per-expert LoRA pairs (frozen expert weights: plain autodiff costs only the small
-    A/B cotangents)."""
-    num_experts = gate_up.shape[0]
-
-    def expert_matmul(rows, w, pair, expert):
-        out = rows @ _pick(w, expert)
-        if pair is not None:  # (dropout(x) @ A[e]) @ B[e]
-            a, b = _pick(pair[0], expert).astype(rows.dtype), _pick(pair[1], expert).astype(rows.dtype)
-            out = out + (lora.dropout(rows) @ a) @ b
-        return out
-
-    def run_block(_, inputs):
-        rows, expert = inputs
-
-        def compute(rows, expert):
-            h = expert_matmul(rows, gate_up, lora.gate_up, expert)
-            return expert_matmul(_swiglu(h), down, lora.down, expert)
-
-        out = jax.lax.cond(expert < num_experts, compute, lambda r, e: jnp.zeros_like(r), rows, expert)
-        return None, out
-
-    return jax.lax.scan(run_block, None, (blocks, block_expert))[1]
 
 
 def experts_blocked(
@@ -161,9 +131,7 @@ def experts_blocked(
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(jnp.where(flat < num_experts, flat, num_experts), length=num_experts + 1)[:num_experts]
     rows = jnp.concatenate([jnp.take(x, order // k, axis=0), jnp.zeros((grouped_mlp.SLACK, d), x.dtype)])
-    ys = grouped_mlp.grouped_mlp(rows, sizes.astype(jnp.int32), gate_up, down)[: t * k]
-    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, d)
-    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+    return _combine(grouped_mlp.grouped_mlp(rows, sizes.astype(jnp.int32), gate_up, down)[: t * k], order, weights)
 
 
 def _experts_blocked_lora(
@@ -192,11 +160,27 @@ def _experts_blocked_lora(
     dest = jnp.where(valid, (padded_end - padded)[local] + rank, trash)
     buffer = jnp.zeros((trash + 1, d), x.dtype).at[dest].set(jnp.take(x, order // k, axis=0))
     block_expert = jnp.searchsorted(padded_end, jnp.arange(num_blocks) * block, side="right")
-    out = _blocked_matmuls_lora(buffer[:trash].reshape(num_blocks, block, d), block_expert, gate_up, down, lora)
+
+    def expert_matmul(rows, w, pair, expert):
+        pick = lambda a: jax.lax.dynamic_index_in_dim(a, expert, keepdims=False)  # noqa: E731
+        out = rows @ pick(w)
+        if pair is not None:  # the LoRA branch through the same block: (dropout(x) @ A[e]) @ B[e]
+            out = out + (lora.dropout(rows) @ pick(pair[0]).astype(rows.dtype)) @ pick(pair[1]).astype(rows.dtype)
+        return out
+
+    def run_block(_, inputs):
+        rows, expert = inputs
+
+        def compute(rows, expert):
+            h = expert_matmul(rows, gate_up, lora.gate_up, expert)
+            return expert_matmul(swiglu(h), down, lora.down, expert)
+
+        out = jax.lax.cond(expert < num_experts, compute, lambda r, e: jnp.zeros_like(r), rows, expert)
+        return None, out
+
+    _, out = jax.lax.scan(run_block, None, (buffer[:trash].reshape(num_blocks, block, d), block_expert))
     out = jnp.concatenate([out.reshape(-1, d), jnp.zeros((1, d), out.dtype)])
-    ys = jnp.take(out, dest, axis=0)
-    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, d)
-    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+    return _combine(jnp.take(out, dest, axis=0), order, weights)
 
 
 def split_block(rows: int, num_experts: int) -> int:
@@ -230,12 +214,11 @@ def experts_split(
             # A last block's tail holds the next experts' rows (or slack): the garbage written there is overwritten
             # when those experts run, because the experts run in order.
             start = starts[e] + j * block
-            y = _swiglu(jax.lax.dynamic_slice_in_dim(rows, start, block) @ gate_up[e]) @ down[e]
+            y = swiglu(jax.lax.dynamic_slice_in_dim(rows, start, block) @ gate_up[e]) @ down[e]
             return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, axis=0)
 
         out = jax.lax.fori_loop(0, (sizes[e] + block - 1) // block, run_block, out)
-    y = jnp.zeros((n, d), out.dtype).at[order].set(out[:n], unique_indices=True).reshape(t, k, d)
-    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+    return _combine(out[:n], order, weights)
 
 
 def experts_auto(
