@@ -3,13 +3,14 @@
 A converted directory holds ``config.json`` (``AriaConfig.to_dict()``), the tokenizer files and ``params/``,
 a standard Orbax checkpoint (zarr arrays, no OCDBT) that ``ocp.PyTreeCheckpointer().restore`` reads with any
 target sharding. Orbax saves whole ``jax.Array``s; to stream, ``ParamWriter`` writes the same zarr arrays
-itself (tensorstore creates each array's metadata; the raw chunk files follow, layer slice by layer slice), and
-then writes Orbax's metadata files. Chunks are one layer,
-one expert, one head and at most 4096 vocabulary rows, so a device restoring its shard reads only that shard.
+itself (each array's ``.zarray`` as tensorstore writes it, then the raw chunk files, layer slice by layer slice),
+and then Orbax's metadata files. Chunks are one layer, one expert, one head and at most 4096 vocabulary rows, so
+a device restoring its shard reads only that shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -21,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 
 from aria_jax.safetensors_io import CheckpointError, contiguous
 
@@ -54,6 +54,12 @@ def _zarr_dtype(dtype: np.dtype) -> str:
     return "bfloat16" if dtype == jnp.bfloat16 else np.dtype(dtype).str
 
 
+def zarr_metadata(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype) -> dict:
+    """A zarr v2 ``.zarray`` for raw C-order chunks, as tensorstore writes it (uncompressed, "." separated keys)."""
+    return {"chunks": list(chunks), "compressor": None, "dimension_separator": ".", "dtype": _zarr_dtype(dtype),
+            "fill_value": None, "filters": None, "order": "C", "shape": list(shape), "zarr_format": 2}
+
+
 def _leaves(tree: dict) -> dict[Path, object]:
     is_leaf = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
     return {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
@@ -84,17 +90,28 @@ def contiguous_chunks(shape: tuple[int, ...], chunks: tuple[int, ...]) -> bool:
     return all(c == n for c, n in zip(chunks[axis + 1:], shape[axis + 1:], strict=True))
 
 
+def _kernel_copy(copy, fin: int, fout: int, offset: int, size: int) -> int:
+    """Bytes copied by ``copy(fin, fout, count, offset)`` (copy_file_range or sendfile) until done or end of file."""
+    done = 0
+    with contextlib.suppress(OSError):  # not supported here (kernel, filesystems, platform): the caller goes on
+        while done < size:
+            n = copy(fin, fout, size - done, offset + done)
+            if n == 0:
+                break
+            done += n
+    return done
+
+
 def _copy_chunk(src: str, offset: int, size: int, path: str) -> None:
-    """``size`` bytes of ``src`` from ``offset`` into a new file ``path``, in the kernel where it can."""
+    """``size`` bytes of ``src`` from ``offset`` into a new file ``path``, in the kernel where it can:
+    ``copy_file_range`` (one filesystem; reflinks where it has them), else ``sendfile`` (across filesystems,
+    e.g. a disk to tmpfs), else read and write."""
     with open(src, "rb", buffering=0) as fin, open(path, "wb", buffering=0) as fout:
-        done = 0
-        try:
-            while done < size:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, offset + done)
-                if n == 0:
-                    break
-                done += n
-        except (OSError, AttributeError):  # no copy_file_range here (kernel, filesystem or platform)
+        i, o = fin.fileno(), fout.fileno()
+        done = _kernel_copy(lambda i, o, n, at: os.copy_file_range(i, o, n, at), i, o, offset, size)
+        if done < size and hasattr(os, "sendfile"):
+            done += _kernel_copy(lambda i, o, n, at: os.sendfile(o, i, at, n), i, o, offset + done, size - done)
+        if done < size:
             fin.seek(offset + done)
             while done < size:
                 block = fin.read(min(size - done, 64 << 20))
@@ -109,73 +126,33 @@ def _copy_chunk(src: str, offset: int, size: int, path: str) -> None:
 class ParamWriter:
     """Writes params into ``directory/params`` as an Orbax checkpoint, one tensor or one layer slice per call.
 
-    Tensorstore creates each zarr array (its ``.zarray``); the chunk files, raw C-order bytes as zarr v2 stores
-    them uncompressed, are written by two threads. ``write`` waits for the previous value's chunks before it
+    Each zarr array gets its ``.zarray``; the chunk files, raw C-order bytes as zarr v2 stores them
+    uncompressed, are written by two threads. ``write`` waits for the previous value's chunks before it
     queues the next, so host memory holds the value being written and the one being prepared, never the tree.
     """
 
-    def __init__(self, directory: str, param_shapes: dict | Future, logical: dict | None, dtype: jnp.dtype):
-        """``param_shapes`` and ``logical`` (see sharding.abstract_params), or a Future of that pair as
-        ``param_shapes`` (logical None): then only ``preset`` parameters can be written until it resolves."""
+    def __init__(self, directory: str, param_shapes: dict, logical: dict, dtype: jnp.dtype):
+        """``param_shapes`` and ``logical``: the trees of ``param_specs.declared_params`` (or
+        ``sharding.abstract_params``)."""
         self.root = os.path.join(directory, PARAMS_DIR)
         os.makedirs(self.root, exist_ok=True)
         self.dtype = np.dtype(dtype)
-        self._layout = param_shapes if isinstance(param_shapes, Future) else None
-        self.shapes: dict[Path, tuple[int, ...]] = {}
-        self.chunks: dict[Path, tuple[int, ...]] = {}
-        self._presets: set[Path] = set()
-        if self._layout is None:
-            self._set_layout(param_shapes, logical)
+        self.shapes = {p: s.shape for p, s in _leaves(param_shapes).items()}
+        self.chunks = {p: chunk_shape(self.shapes[p], tuple(spec)) for p, spec in _leaves(logical).items()}
         self._created: set[Path] = set()
         self._written: dict[Path, set[int | None]] = {}
         self._pool = ThreadPoolExecutor(2, "aria-write")
         self._pending: list[Future] = []
 
-    def _set_layout(self, param_shapes: dict, logical: dict) -> None:
-        shapes = {p: s.shape for p, s in _leaves(param_shapes).items()}
-        chunks = {p: chunk_shape(shapes[p], tuple(spec)) for p, spec in _leaves(logical).items()}
-        for path in self._presets:  # what was written early must be what the model declares
-            if (shapes.get(path), chunks.get(path)) != (self.shapes[path], self.chunks[path]):
-                raise CheckpointError(f"{self.root}: parameter {'.'.join(path)}: preset layout differs from the model")
-        self.shapes, self.chunks = shapes, chunks
-
-    def preset(self, path: Path, shape: tuple[int, ...], logical: tuple[str | None, ...]) -> None:
-        """Declare one parameter before the model's layout is known (checked against it when it is)."""
-        if self._layout is not None:
-            self.shapes[path], self.chunks[path] = tuple(shape), chunk_shape(tuple(shape), logical)
-            self._presets.add(path)
-
-    def is_preset(self, path: Path) -> bool:
-        return path in self._presets
-
-    def _resolve(self) -> None:
-        if self._layout is not None:
-            layout, self._layout = self._layout, None
-            self._set_layout(*layout.result())
-
     def _known(self, path: Path) -> bool:
-        if path not in self.shapes:
-            self._resolve()
         return path in self.shapes
 
     def _array(self, path: Path) -> str:
-        """The zarr array's directory, created (metadata only) on first use."""
+        """The zarr array's directory, created (with its ``.zarray``) on first use."""
         directory = os.path.join(self.root, ".".join(path))
         if path not in self._created:
-            spec = {
-                "driver": "zarr",
-                "kvstore": {"driver": "file", "path": directory},
-                "metadata": {
-                    "shape": list(self.shapes[path]),
-                    "chunks": list(self.chunks[path]),
-                    "dtype": _zarr_dtype(self.dtype),
-                    "compressor": None,
-                    "dimension_separator": ".",
-                },
-                "create": True,
-                "delete_existing": True,
-            }
-            ts.open(spec).result()
+            os.makedirs(directory, exist_ok=True)
+            _dump(os.path.join(directory, ".zarray"), zarr_metadata(self.shapes[path], self.chunks[path], self.dtype))
             self._created.add(path)
         return directory
 
@@ -231,7 +208,7 @@ class ParamWriter:
 
     def abandon(self) -> None:
         """After a failure: let queued chunk writes finish (so nothing writes into a removed directory), quietly."""
-        for future in self._pending + ([self._layout] if self._layout is not None else []):
+        for future in self._pending:
             future.exception()
         self._pending = []
         self._pool.shutdown()
@@ -239,7 +216,6 @@ class ParamWriter:
     def close(self) -> None:
         """Finish pending writes, check every parameter was written in full, write Orbax's metadata."""
         self.wait()
-        self._resolve()
         self._pool.shutdown()
         for path, shape in self.shapes.items():
             done = self._written.get(path, set())
@@ -290,7 +266,7 @@ class ParamWriter:
 
 def _dump(path: str, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, separators=(",", ":"))
 
 
 def stored_params(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from aria_jax.checkpoint import ParamWriter
 from aria_jax.config import AriaConfig
+from aria_jax.param_specs import declared_params
 from aria_jax.safetensors_io import DTYPES, CheckpointError, SafetensorsFile, index_tensors, open_checkpoint
 from aria_jax.weights import Item, plan_tensors
 
@@ -178,24 +179,6 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     )
 
 
-# Logical axes of the parameters that are copied file to file (most of the bytes), so that their copies run while
-# the model is traced for the full parameter layout; ParamWriter checks them against that layout.
-EARLY_AXES = {
-    ("language_model", "layers", "mlp", "gate_up"): ("layers", "expert", "expert_embed", "expert_mlp"),
-    ("language_model", "layers", "mlp", "down"): ("layers", "expert", "expert_mlp", "expert_embed"),
-    ("language_model", "embed_tokens"): ("vocab", "embed"),
-}
-
-
-def preset_early(items: list[Item], writer: ParamWriter, num_layers: int) -> None:
-    for item in items:
-        for target in item.targets:
-            if target.path in EARLY_AXES and target.is_identity:
-                shape = tuple(item.file.shape(item.key))
-                writer.preset(target.path, (num_layers, *shape) if target.layer is not None else shape,
-                              EARLY_AXES[target.path])
-
-
 def _file_copy(item: Item, writer: ParamWriter) -> tuple[str, int, int] | None:
     """(file, offset, bytes) when the item's one parameter holds its safetensors bytes unchanged: copied file to
     file (experts and embeddings, most of Aria's bytes, in the hub and transformers5 layouts)."""
@@ -210,31 +193,20 @@ def _file_copy(item: Item, writer: ParamWriter) -> tuple[str, int, int] | None:
 def write_params(items: list[Item], writer: ParamWriter, progress: bool = True) -> int:
     """Stream every item's tensor through its transforms into ``writer``; returns the bytes read.
 
-    Tensors stored unchanged are copied file to file by the writer's threads (never read into memory), those of
-    ``writer.preset`` parameters first. For the others three stages overlap: a thread reads the next tensor (file
-    I/O releases the GIL) while this one transforms the current tensor and the writer's threads write the previous
-    one. Host memory holds those three at most.
+    Tensors stored unchanged are copied file to file by the writer's threads (never read into memory). For the
+    others three stages overlap: a thread reads the next tensor (file I/O releases the GIL) while this one
+    transforms the current tensor and the writer's threads write (or copy) the previous one. Host memory holds
+    those three at most.
     """
     total = sum(item.nbytes for item in items)
-    early: list[Item] = []
-    rest: list[Item] = []
-    for item in items:
-        (early if len(item.targets) == 1 and writer.is_preset(item.targets[0].path) else rest).append(item)
     try:
         with progress_bar(total, "convert", progress) as bar, ThreadPoolExecutor(1, "aria-read") as reader:
-            for item in early:
-                copy = _file_copy(item, writer)
-                if copy:
-                    writer.copy_file(item.targets[0].path, item.targets[0].layer, *copy)
-                    bar.update(item.nbytes)
-                else:
-                    rest.append(item)
-            copies = [_file_copy(item, writer) for item in rest]
-            load = lambda i: None if copies[i] else rest[i].file.read(rest[i].key)  # noqa: E731
-            ahead = reader.submit(load, 0) if rest else None
-            for i, item in enumerate(rest):
+            copies = [_file_copy(item, writer) for item in items]
+            load = lambda i: None if copies[i] else items[i].file.read(items[i].key)  # noqa: E731
+            ahead = reader.submit(load, 0) if items else None
+            for i, item in enumerate(items):
                 raw = ahead.result()
-                ahead = reader.submit(load, i + 1) if i + 1 < len(rest) else None
+                ahead = reader.submit(load, i + 1) if i + 1 < len(items) else None
                 if copies[i]:
                     writer.copy_file(item.targets[0].path, item.targets[0].layer, *copies[i])
                 for target in item.targets if raw is not None else ():
@@ -279,13 +251,9 @@ def convert(
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(out_cfg.to_dict(), f, indent=2)
         summary["copied"] = copy_tokenizer_files(path, tmp)
-        from aria_jax.sharding import abstract_params
-
-        # The parameter layout comes from tracing the model (about a second); the large copies start meanwhile.
-        with ThreadPoolExecutor(1, "aria-trace") as tracer:
-            writer = ParamWriter(tmp, tracer.submit(abstract_params, cfg, target_dtype), None, target_dtype)
-            preset_early(items, writer, cfg.text.num_hidden_layers)
-            summary["bytes"] = write_params(items, writer, progress)
+        # The parameter layout from the config's table, not from tracing the model (a second in a fresh process).
+        writer = ParamWriter(tmp, *declared_params(cfg, target_dtype), target_dtype)
+        summary["bytes"] = write_params(items, writer, progress)
         if verify:
             from aria_jax.verify import verify_conversion
 

@@ -47,7 +47,7 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
     trainable, frozen = traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
     spec = S.LossSpec(cfg.text.moe_topk, 1e-4, 1e-5, 1, None)
     module = AriaModel(cfg, moe_backend=os.environ.get("BENCH_MOE_BACKEND", "auto"))
-    grad_fn = jax.jit(jax.value_and_grad(S.make_objective(module, spec), has_aux=True))
+    grad_fn = S.make_grad_fn(S.make_objective(module, spec))
 
     class Opt:
         adam_beta1, adam_beta2, adam_epsilon, weight_decay, max_grad_norm = 0.9, 0.95, 1e-8, 0.1, 1.0
@@ -59,9 +59,12 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
     data = {k: jnp.asarray(v) for k, v in _batch(cfg.text.vocab_size, batch, seq).items()}
     denom = jnp.float32(batch * (seq - 1))
 
+    spare = [jax.tree.map(jnp.zeros_like, trainable)]
+
     def step(state):
-        (loss, _), grads = grad_fn(state["trainable"], frozen, data, jax.random.key(0), denom)
+        (loss, _), grads = grad_fn(spare[0], state["trainable"], frozen, data, jax.random.key(0), denom)
         state, norm, _ = update(state, grads)
+        spare[0] = grads
         jax.block_until_ready(state)
         return state, float(loss)
 

@@ -351,7 +351,7 @@ def test_unchanged_tensors_are_copied_file_to_file(checkpoint, tmp_path, monkeyp
     np.testing.assert_array_equal(np.asarray(params["language_model"]["layers"]["mlp"]["gate_up"][1]), gate_up)
 
 
-def test_file_copy_falls_back_to_read_write_and_reports_truncation(tmp_path, monkeypatch):
+def test_file_copy_falls_back_to_sendfile_then_read_write_and_reports_truncation(tmp_path, monkeypatch):
     from aria_jax.checkpoint import _copy_chunk, contiguous_chunks
     from aria_jax.safetensors_io import CheckpointError
 
@@ -364,22 +364,47 @@ def test_file_copy_falls_back_to_read_write_and_reports_truncation(tmp_path, mon
     def unsupported(*args):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    monkeypatch.setattr(os, "copy_file_range", unsupported)  # across filesystems (disk -> tmpfs): sendfile
+    sent, real_sendfile = [], os.sendfile
+    monkeypatch.setattr(os, "sendfile", lambda *a: sent.append(a[3]) or real_sendfile(*a))
     _copy_chunk(str(src), 7, 9000, str(tmp_path / "b"))
-    assert (tmp_path / "b").read_bytes() == data[7:9007]
+    assert (tmp_path / "b").read_bytes() == data[7:9007] and sent
     with pytest.raises(CheckpointError, match=r"src.bin: truncated file: 1000 bytes missing at offset 10000"):
         _copy_chunk(str(src), 1000, 10_000, str(tmp_path / "c"))
+    monkeypatch.setattr(os, "sendfile", unsupported)  # neither: read and write
+    _copy_chunk(str(src), 11, 9500, str(tmp_path / "d"))
+    assert (tmp_path / "d").read_bytes() == data[11:9511]
+    with pytest.raises(CheckpointError, match=r"src.bin: truncated file: 1 bytes missing at offset 10000"):
+        _copy_chunk(str(src), 1, 10_000, str(tmp_path / "e"))
     assert contiguous_chunks((4, 8, 6), (1, 8, 6)) and contiguous_chunks((4, 8, 6), (1, 2, 6))
     assert not contiguous_chunks((4, 8, 6), (1, 8, 3)) and not contiguous_chunks((4, 8, 6), (2, 1, 6))
 
 
-def test_early_copies_are_checked_against_the_traced_layout(checkpoint, tmp_path, monkeypatch, capsys):
-    """Expert copies start before the model is traced; a preset that disagrees with the model fails, DST absent."""
-    import aria_jax.convert as convert_module
+def test_conversion_never_traces_the_model(checkpoint, tmp_path, monkeypatch):
+    """The layout comes from the config's table (aria_jax.param_specs); tracing the model would cost a second."""
+    import aria_jax.sharding
 
-    path = ("language_model", "layers", "mlp", "gate_up")
-    monkeypatch.setitem(convert_module.EARLY_AXES, path, ("layers", None, "expert_embed", "expert_mlp"))
+    def traced(*args):
+        raise AssertionError("convert traced the model")
+
+    monkeypatch.setattr(aria_jax.sharding, "abstract_params", traced)
+    monkeypatch.setattr(aria_jax.sharding, "param_shardings", traced)
     dst = tmp_path / "d"
-    assert main(["convert", checkpoint(NAME, "hub"), str(dst), "--quiet"]) == 2
-    assert "language_model.layers.mlp.gate_up: preset layout differs from the model" in capsys.readouterr().err
-    assert not dst.exists()
+    assert main(["convert", checkpoint(NAME, "hub"), str(dst), "--quiet"]) == 0
+    assert (dst / "params" / "_METADATA").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_zarr_metadata_is_what_tensorstore_writes(tmp_path, dtype):
+    import jax.numpy as jnp
+    import tensorstore as ts
+
+    from aria_jax.checkpoint import _zarr_dtype, zarr_metadata
+
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}, "create": True,
+            "metadata": {"shape": [3, 8, 4096], "chunks": [1, 8, 4096], "dtype": _zarr_dtype(np_dtype),
+                         "compressor": None, "dimension_separator": "."}}
+    ts.open(spec).result()
+    written = json.loads((tmp_path / "a" / ".zarray").read_text())
+    assert zarr_metadata((3, 8, 4096), (1, 8, 4096), np_dtype) == written

@@ -145,3 +145,28 @@ def test_objective_equals_the_model_logits_loss(aria_model, lm_head_lora):
     np.testing.assert_allclose(value, lm_loss_sum(logits, batch["labels"])[0] / denom, rtol=1e-5)
     plain = module.apply({"params": model.params}, batch["input_ids"], batch["attention_mask"])[0]
     assert (abs(float(value) - float(lm_loss_sum(plain, batch["labels"])[0] / denom)) > 1e-3) == lm_head_lora
+
+
+def test_grad_fn_writes_into_the_spare_gradients():
+    """make_grad_fn: the same values as value_and_grad, and the new gradients reuse the donated spare's buffers."""
+
+    def objective(trainable, frozen, batch, rng, denom):
+        y = jnp.tanh(batch["x"] @ trainable["w"] + frozen["b"]) @ trainable["v"]
+        return jnp.sum(y**2) / denom, {"y": y}
+
+    rng = np.random.default_rng(0)
+    trainable = {"w": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+                 "v": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)}
+    args = (trainable, {"b": jnp.ones(16)}, {"x": jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)},
+            jax.random.key(0), jnp.float32(5))
+    (want, _), want_grads = jax.value_and_grad(objective, has_aux=True)(*args)
+    grad_fn = S.make_grad_fn(objective)
+    spare = jax.tree.map(jnp.zeros_like, trainable)
+    pointers = {k: v.unsafe_buffer_pointer() for k, v in spare.items()}
+    (value, _), grads = grad_fn(spare, *args)
+    assert all(v.is_deleted() for v in spare.values())  # donated
+    assert {k: v.unsafe_buffer_pointer() for k, v in grads.items()} == pointers  # written in place
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
+    for k in trainable:
+        np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(want_grads[k]), rtol=1e-5, atol=1e-6)
+    assert grad_fn.lower(grads, *args).compile().memory_analysis().alias_size_in_bytes == 4 * (8 * 16 + 16 * 4)

@@ -97,6 +97,18 @@ def make_objective(module, spec: LossSpec) -> Callable:
     return objective
 
 
+def make_grad_fn(objective: Callable) -> Callable:
+    """``grad_fn(spare, trainable, frozen, batch, rng, denom) -> ((value, metrics), grads)``, jitted.
+
+    ``spare`` is a gradient tree the caller no longer needs (the last step's gradients once the update has read
+    them; ``jnp.zeros_like(trainable)`` the first time). It is donated and the new gradients are written into its
+    buffers: on CPU every fresh buffer is page-faulted in again on each step (the gradients of the benchmark's
+    mid-size model are 0.64 GB, half the step's page faults and a sixth of its time).
+    """
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+    return jax.jit(lambda spare, *args: value_and_grad(*args), donate_argnums=(0,), keep_unused=True)
+
+
 def make_schedule(kind: str, lr: float, total: int, warmup: int) -> optax.Schedule:
     """transformers' schedules: linear warmup from 0 (the first update uses step 0), then cosine/linear to 0."""
     if kind == "constant":

@@ -63,6 +63,7 @@ class Setup:
     num_samples: int
     mesh: jax.sharding.Mesh | None = None
     rows: Rows = Rows()
+    spare_grads: dict | None = None  # gradients already consumed: donated to the next gradient call (make_grad_fn)
 
 
 def make_train_mesh(spec: str | None):
@@ -244,8 +245,7 @@ def make_step_fns(setup: Setup, total: int) -> tuple[Callable, Callable, Callabl
         lora_scale=cfg.lora_alpha / cfg.lora_r if cfg.use_peft else None, lora_dropout=cfg.lora_dropout,
         compute_dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
     )
-    objective = S.make_objective(setup.module, spec)
-    grad_fn = jax.jit(jax.value_and_grad(objective, has_aux=True))
+    grad_fn = S.make_grad_fn(S.make_objective(setup.module, spec))
     schedule = S.make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, total, math.ceil(cfg.warmup_ratio * total))
     tx = S.make_optimizer(cfg, schedule, setup.trainable)
     masks = S.layer_masks(traverse_util.flatten_dict(setup.trainable), cfg.freeze_llm_layers,
@@ -263,12 +263,19 @@ def train_step(setup: Setup, fns, state: dict, batches: list[dict], rng: jax.Arr
     denom = jnp.float32(max(1, sum(_count(D.shift_valid(b["labels"])) for b in batches)))
     grads, totals = None, {"ce_sum": 0.0, "label_tokens": 0, "z_loss": 0.0, "aux_loss": 0.0, "objective": 0.0}
     for i, batch in enumerate(batches):
-        (value, m), g = grad_fn(state["trainable"], setup.frozen, batch, jax.random.fold_in(rng, i), denom)
-        grads = g if grads is None else add(grads, g)
+        spare = jax.tree.map(jnp.zeros_like, state["trainable"]) if setup.spare_grads is None else setup.spare_grads
+        setup.spare_grads = None
+        (value, m), g = grad_fn(spare, state["trainable"], setup.frozen, batch, jax.random.fold_in(rng, i), denom)
+        if grads is None:
+            grads = g
+        else:
+            grads = add(grads, g)
+            setup.spare_grads = g  # read by add, free for the next micro-batch's gradients
         for k in ("ce_sum", "label_tokens", "z_loss", "aux_loss"):
             totals[k] += m[k]
         totals["objective"] += value
     state, norm, lr = update(state, grads)
+    setup.spare_grads = grads  # the next step's gradients are written into these buffers
     n = len(batches)
     cfg = setup.cfg
     z, aux = float(totals["z_loss"]) / n, float(totals["aux_loss"]) / n
