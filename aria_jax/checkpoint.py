@@ -108,7 +108,9 @@ def _copy_chunk(src: str, offset: int, size: int, path: str) -> None:
     e.g. a disk to tmpfs), else read and write."""
     with open(src, "rb", buffering=0) as fin, open(path, "wb", buffering=0) as fout:
         i, o = fin.fileno(), fout.fileno()
-        done = _kernel_copy(lambda i, o, n, at: os.copy_file_range(i, o, n, at), i, o, offset, size)
+        done = 0
+        if hasattr(os, "copy_file_range"):  # Linux
+            done = _kernel_copy(lambda i, o, n, at: os.copy_file_range(i, o, n, at), i, o, offset, size)
         if done < size and hasattr(os, "sendfile"):
             done += _kernel_copy(lambda i, o, n, at: os.sendfile(o, i, at, n), i, o, offset + done, size - done)
         if done < size:
