@@ -146,9 +146,6 @@ class ParamWriter:
         self._pool = ThreadPoolExecutor(2, "aria-write")
         self._pending: list[Future] = []
 
-    def _known(self, path: Path) -> bool:
-        return path in self.shapes
-
     def _array(self, path: Path) -> str:
         """The zarr array's directory, created (with its ``.zarray``) on first use."""
         directory = os.path.join(self.root, ".".join(path))
@@ -160,7 +157,7 @@ class ParamWriter:
 
     def write(self, path: Path, layer: int | None, value: np.ndarray) -> None:
         """Write a whole parameter (``layer`` None) or one slice of a stacked one."""
-        if not self._known(path):
+        if path not in self.shapes:
             raise CheckpointError(f"{self.root}: no parameter {'.'.join(path)} in this model")
         expected = self.shapes[path] if layer is None else self.shapes[path][1:]
         if value.shape != expected:
@@ -176,7 +173,7 @@ class ParamWriter:
 
     def can_copy(self, path: Path, layer: int | None, dtype: np.dtype) -> bool:
         """Whether ``copy_file`` can write this parameter (or layer slice) straight from a source file's bytes."""
-        if not self._known(path) or np.dtype(dtype) != self.dtype:
+        if path not in self.shapes or np.dtype(dtype) != self.dtype:
             return False
         shape, chunks = self.shapes[path], self.chunks[path]
         if layer is not None:

@@ -172,7 +172,7 @@ def scenario(src: str, dst: str, cold: bool, repeats: int = 1) -> dict[str, dict
         else:
             child(PLAIN_READ, src)  # pull the files into the page cache
 
-    runs: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {"read": [], "copy": [], "convert": []}
     for _ in range(repeats):
         for name, script, args in (
             ("read", PLAIN_READ, (src,)),
@@ -180,14 +180,10 @@ def scenario(src: str, dst: str, cold: bool, repeats: int = 1) -> dict[str, dict
             ("convert", CONVERT, (src, dst)),
         ):
             prepare()
-            run = child(script, *args)
-            best = runs.setdefault(name, run)
-            if run["seconds"] < best["seconds"]:
-                runs[name] = {**run, "peak_rss": max(run["peak_rss"], best["peak_rss"])}
-            else:
-                best["peak_rss"] = max(run["peak_rss"], best["peak_rss"])
+            runs[name].append(child(script, *args))
     shutil.rmtree(dst, ignore_errors=True)
-    return runs
+    return {name: {**min(rs, key=lambda r: r["seconds"]), "peak_rss": max(r["peak_rss"] for r in rs)}
+            for name, rs in runs.items()}
 
 
 def report(label: str, runs: dict[str, dict], largest: int) -> bool:

@@ -63,7 +63,7 @@ class Setup:
     num_samples: int
     mesh: jax.sharding.Mesh | None = None
     rows: Rows = Rows()
-    spare_grads: dict | None = None  # gradients already consumed: donated to the next gradient call (make_grad_fn)
+    spare_grads: list = dataclasses.field(default_factory=list)  # consumed gradient trees, donated (make_grad_fn)
 
 
 def make_train_mesh(spec: str | None):
@@ -263,19 +263,18 @@ def train_step(setup: Setup, fns, state: dict, batches: list[dict], rng: jax.Arr
     denom = jnp.float32(max(1, sum(_count(D.shift_valid(b["labels"])) for b in batches)))
     grads, totals = None, {"ce_sum": 0.0, "label_tokens": 0, "z_loss": 0.0, "aux_loss": 0.0, "objective": 0.0}
     for i, batch in enumerate(batches):
-        spare = jax.tree.map(jnp.zeros_like, state["trainable"]) if setup.spare_grads is None else setup.spare_grads
-        setup.spare_grads = None
+        spare = setup.spare_grads.pop() if setup.spare_grads else jax.tree.map(jnp.zeros_like, state["trainable"])
         (value, m), g = grad_fn(spare, state["trainable"], setup.frozen, batch, jax.random.fold_in(rng, i), denom)
         if grads is None:
             grads = g
         else:
             grads = add(grads, g)
-            setup.spare_grads = g  # read by add, free for the next micro-batch's gradients
+            setup.spare_grads.append(g)  # read by add: free for the next micro-batch's gradients
         for k in ("ce_sum", "label_tokens", "z_loss", "aux_loss"):
             totals[k] += m[k]
         totals["objective"] += value
     state, norm, lr = update(state, grads)
-    setup.spare_grads = grads  # the next step's gradients are written into these buffers
+    setup.spare_grads.append(grads)  # read by the update: the next step's gradients are written into these buffers
     n = len(batches)
     cfg = setup.cfg
     z, aux = float(totals["z_loss"]) / n, float(totals["aux_loss"]) / n
