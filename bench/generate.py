@@ -110,9 +110,14 @@ def run_jax(directory: str, n: int, prompt: int, repeats: int, layout: str) -> d
     return out
 
 
-def best(runs: list[dict], key: str, fastest=min) -> dict:
-    """The process with the best value of ``key`` (its floor and expert count go with it)."""
-    return fastest(runs, key=lambda r: r[key])
+def best(runs: list[dict], key: str) -> dict:
+    """The process with the lowest time ``key`` (its floor and expert count go with it)."""
+    return min(runs, key=lambda r: r[key])
+
+
+def per_process(runs: dict[str, list[dict]], show) -> str:
+    """``show(run)`` for every transformers process, then every aria_jax one: "a b c / d e f"."""
+    return " / ".join(" ".join(show(r) for r in runs[side]) for side in ("hf", "jax"))
 
 
 def child(side: str, directory: str, args) -> dict:
@@ -160,8 +165,7 @@ def main() -> None:
             "ratio": f"{hf_s / ours_s:.2f}x",
             "floor": f"{batch / floor_s:.0f} tok/s ({experts:.1f} experts/layer)",
             "aria_jax / floor": roofline.fraction(floor_s, ours_s),
-            "per process (hf / jax)": " ".join(f"{batch / r[key]:.1f}" for r in runs["hf"]) + " / "
-            + " ".join(f"{batch / r[key]:.1f}" for r in runs["jax"]),
+            "per process (hf / jax)": per_process(runs, lambda r, key=key, batch=batch: f"{batch / r[key]:.1f}"),
         })
     hf, ours = best(runs["hf"], "prefill_ms"), best(runs["jax"], "prefill_ms")
     floor_ms = 1000 * ours["prefill_flops"] / ours["matmul"]
@@ -172,8 +176,7 @@ def main() -> None:
         "ratio": f"{hf['prefill_ms'] / ours['prefill_ms']:.2f}x",
         "floor": f"{floor_ms:.0f} ms ({ours['prefill_flops'] / 1e9:.1f} GFLOP)",
         "aria_jax / floor": roofline.fraction(floor_ms, ours["prefill_ms"]),
-        "per process (hf / jax)": " ".join(f"{r['prefill_ms']:.0f}" for r in runs["hf"]) + " / "
-        + " ".join(f"{r['prefill_ms']:.0f}" for r in runs["jax"]),
+        "per process (hf / jax)": per_process(runs, lambda r: f"{r['prefill_ms']:.0f}"),
     })
     print(f"jax {ours['jax']} ({ours['platform']}, layout {ours['layout']}), torch {hf['torch']} "
           f"({hf['threads']} threads); each in its own process, {args.rounds} alternated per side, best process "
