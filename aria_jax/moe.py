@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from aria_jax import grouped_mlp
 from aria_jax.config import AriaTextConfig
 from aria_jax.expert_parallel import experts_expert_parallel
-from aria_jax.layers import Linear, lora_input, lora_pair, param, silu, softmax, swiglu
+from aria_jax.layers import Linear, lora_input, lora_pair, param, project, silu, softmax, swiglu
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -214,7 +214,7 @@ def experts_split(
             # A last block's tail holds the next experts' rows (or slack): the garbage written there is overwritten
             # when those experts run, because the experts run in order.
             start = starts[e] + j * block
-            y = swiglu(jax.lax.dynamic_slice_in_dim(rows, start, block) @ gate_up[e]) @ down[e]
+            y = project(swiglu(project(jax.lax.dynamic_slice_in_dim(rows, start, block), gate_up[e])), down[e])
             return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, axis=0)
 
         out = jax.lax.fori_loop(0, (sizes[e] + block - 1) // block, run_block, out)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from aria_jax.config import AriaTextConfig
-from aria_jax.layers import LORA, Linear, RMSNorm, lora_delta, masked_softmax, param
+from aria_jax.layers import LORA, Linear, RMSNorm, lora_delta, masked_softmax, param, project
 from aria_jax.moe import MoE
 
 # {"k": (L, B, kv_heads, head_dim, S), "v": (L, B, kv_heads, S, head_dim)}; per layer when unrolled; () for none
@@ -81,9 +81,9 @@ class Attention(nn.Module):
         wk = param(self, "k_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
         wv = param(self, "v_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
         wo = param(self, "o_kernel", (nh, hd, d), ("q_heads", "head_dim", "embed"), self.dtype)
-        q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq) + lora_delta(self, "q_kernel", x, 1), cos, sin)
-        k = apply_rope(jnp.einsum("btd,dkh->btkh", x, wk) + lora_delta(self, "k_kernel", x, 1), cos, sin)
-        v = jnp.einsum("btd,dkh->btkh", x, wv) + lora_delta(self, "v_kernel", x, 1)
+        q = apply_rope(project(x, wq) + lora_delta(self, "q_kernel", x, 1), cos, sin)
+        k = apply_rope(project(x, wk) + lora_delta(self, "k_kernel", x, 1), cos, sin)
+        v = project(x, wv) + lora_delta(self, "v_kernel", x, 1)
         # Keys as (B, kv, head_dim, S) and values as (B, kv, S, head_dim): the layouts the two attention matmuls
         # read, so a decode step appends one column / row and never transposes the whole cache.
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         scores = jnp.einsum("btkgh,bkhs->bkgts", q, k) * (hd**-0.5)
         probs = masked_softmax(scores, mask[:, :, None], x.dtype)
         out = jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, nh, hd)
-        return jnp.einsum("btnh,nhd->btd", out, wo) + lora_delta(self, "o_kernel", out, 2), cache
+        return project(out, wo, 2) + lora_delta(self, "o_kernel", out, 2), cache
 
 
 class DecoderLayer(nn.Module):

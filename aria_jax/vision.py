@@ -73,13 +73,15 @@ class VisionEmbeddings(nn.Module):
         return x + jnp.take(table, position_ids(patch_mask, cfg.patches_per_side), axis=0)
 
 
-QUERY_CHUNK = 128  # 1225 or 4900 patches: a full (heads, patches, patches) score array misses every cache
+QUERY_CHUNK = 256  # 4900 patches (980 px): (heads, 256, 4900) score blocks of 20 MB, not one of 384 MB
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, head_dim: int) -> jax.Array:
-    scores = jnp.einsum("bqnh,bknh->bnqk", q, k) * (head_dim**-0.5)
+    """Heads-first (B, N, Q, H) queries, keys (B, N, H, K) and values (B, N, K, H): both matmuls in their
+    plain batched form, so XLA does not transpose the (B, N, Q, K) probabilities."""
+    scores = jnp.einsum("bnqh,bnhk->bnqk", q, k) * (head_dim**-0.5)
     probs = masked_softmax(scores, key_mask[:, None, None, :], q.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+    return jnp.einsum("bnqk,bnkh->bnqh", probs, v)
 
 
 class VisionAttention(nn.Module):
@@ -100,10 +102,11 @@ class VisionAttention(nn.Module):
             )
             return jnp.einsum("bpd,dnh->bpnh", x, w) + b
 
-        q, k, v = proj("q"), proj("k"), proj("v")
-        out = jnp.concatenate(  # query chunks keep each (heads, chunk, patches) score block in cache
-            [_attend(q[:, i : i + QUERY_CHUNK], k, v, key_mask, hd) for i in range(0, q.shape[1], QUERY_CHUNK)], axis=1
-        )
+        q, k, v = proj("q").transpose(0, 2, 1, 3), proj("k").transpose(0, 2, 3, 1), proj("v").transpose(0, 2, 1, 3)
+        out = jnp.concatenate(  # query chunks bound the (heads, chunk, patches) score block
+            [_attend(q[:, :, i : i + QUERY_CHUNK], k, v, key_mask, hd) for i in range(0, q.shape[2], QUERY_CHUNK)],
+            axis=2,
+        ).transpose(0, 2, 1, 3)
         wo = param(self, "out_kernel", (nh, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype)
         bo = param(self, "out_bias", (d,), ("vision_embed",), self.dtype, nn.initializers.zeros)
         return jnp.einsum("bqnh,nhd->bqd", out, wo) + bo
