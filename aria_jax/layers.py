@@ -143,7 +143,7 @@ def masked_softmax(scores: jax.Array, mask: jax.Array | None, out_dtype: jnp.dty
     """
     scores = scores.astype(jnp.float32)
     if mask is not None:
-        scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1).astype(out_dtype)
 
 
