@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from aria_jax import grouped_mlp
 from aria_jax.config import AriaTextConfig
 from aria_jax.expert_parallel import experts_expert_parallel
-from aria_jax.layers import Linear, lora_input, lora_pair, param, project, silu, softmax, swiglu
+from aria_jax.layers import Linear, lora_input, lora_pair, param, silu, softmax, swiglu
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -183,42 +183,26 @@ def _experts_blocked_lora(
     return _combine(jnp.take(out, dest, axis=0), order, weights)
 
 
-def split_block(rows: int, num_experts: int) -> int:
-    """Rows per matmul in ``experts_split``: 1 (a loop of matvecs, the fastest kernel on CPU for a few rows) up to
-    four rows per expert on average, else the power of two that holds them (at most 256)."""
-    per_expert = -(-rows // num_experts)
-    return 1 if per_expert <= 4 else int(min(256, 1 << (per_expert - 1).bit_length()))
+def split_chunks(rows: int, num_experts: int) -> tuple[int, ...]:
+    """Row chunks for ``experts_split``: single rows (a loop of matvecs, the fastest kernel on CPU for a few rows) up to
+    four rows per expert on average, else grouped_mlp's chunk sizes."""
+    return (1,) if -(-rows // num_experts) <= 4 else grouped_mlp.CHUNKS
 
 
 def experts_split(
     x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: Sequence[jax.Array], down: Sequence[jax.Array]
 ) -> jax.Array:
-    """Routed experts with one (D, 2F) / (F, D) array per expert: no weight is copied, no FLOP wasted.
-
-    The (token, slot) pairs are sorted by expert; each expert runs its own rows through its own arrays in blocks
-    of ``split_block`` rows (a loop whose trip count is that expert's row count, zero for an unused expert).
-    """
+    """Routed experts with one (D, 2F) / (F, D) array per expert: no weight is copied, no expert is wasted, and
+    the gradient of each expert is its own array (``grouped_mlp.grouped_mlp_split``)."""
     t, k = ids.shape
-    num_experts, d = len(gate_up), x.shape[-1]
-    n = t * k
-    block = split_block(n, num_experts)
+    d = x.shape[-1]
+    chunks = split_chunks(t * k, len(gate_up))
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=num_experts)
-    starts = jnp.cumsum(sizes) - sizes
-    rows = jnp.concatenate([jnp.take(x, order // k, axis=0), jnp.zeros((block, d), x.dtype)])  # + slack
-    out = jnp.zeros_like(rows)
-    for e in range(num_experts):
-
-        def run_block(j, out, e=e):
-            # A last block's tail holds the next experts' rows (or slack): the garbage written there is overwritten
-            # when those experts run, because the experts run in order.
-            start = starts[e] + j * block
-            y = project(swiglu(project(jax.lax.dynamic_slice_in_dim(rows, start, block), gate_up[e])), down[e])
-            return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start, axis=0)
-
-        out = jax.lax.fori_loop(0, (sizes[e] + block - 1) // block, run_block, out)
-    return _combine(out[:n], order, weights)
+    sizes = jnp.bincount(flat, length=len(gate_up)).astype(jnp.int32)
+    rows = jnp.concatenate([jnp.take(x, order // k, axis=0), jnp.zeros((chunks[0], d), x.dtype)])
+    out = grouped_mlp.grouped_mlp_split(rows, sizes, tuple(gate_up), tuple(down), chunks)
+    return _combine(out[: t * k], order, weights)
 
 
 def experts_auto(

@@ -6,7 +6,14 @@ import torch
 from conftest import rel_err
 from hf_models import CONFIGS, image_batch, text_batch
 
-from aria_jax.generation import StopRule, bucket, generated_length, stop_string_checker
+from aria_jax.generation import (
+    DECODE_CPU_OPTIONS,
+    StopRule,
+    bucket,
+    decode_compiler_options,
+    generated_length,
+    stop_string_checker,
+)
 
 
 def hf_generate(model, max_new_tokens, **batch):
@@ -105,6 +112,29 @@ def test_prompt_lengths_in_one_bucket_compile_once(aria_model):
         compiled.append(model._decoder._prefill._cache_size())
     assert compiled[1:3] == compiled[:1] * 2 and compiled[3] == compiled[0] + 1  # 11, 13, 16 share; 17 does not
     assert bucket(11) == bucket(16) == 16 and bucket(17) == 20
+
+
+def test_decode_loop_runs_eigen_dots_on_cpu(aria_model):
+    """The decode loop is compiled without YNNPACK dot fusions on CPU (few-row matmuls run faster as Eigen dots);
+    the prefill keeps them."""
+    assert decode_compiler_options() == DECODE_CPU_OPTIONS
+    model = aria_model("top1")
+    ids, mask = text_batch(CONFIGS["top1"]["text_config"]["vocab_size"], np.random.default_rng(0), lengths=(5, 3))
+    decoder, captured = model._decoder, {}
+    prefill, loop = decoder._prefill, decoder._loop
+
+    def spy(name, fn):
+        def call(*args, **kwargs):
+            captured[name] = fn.lower(*args, **kwargs).compile().as_text()
+            return fn(*args, **kwargs)
+        return call
+
+    decoder._prefill, decoder._loop = spy("prefill", prefill), spy("loop", loop)
+    try:
+        model.generate(ids, mask, max_new_tokens=3)
+    finally:
+        decoder._prefill, decoder._loop = prefill, loop
+    assert "ynn_fusion" in captured["prefill"] and "ynn_fusion" not in captured["loop"]
 
 
 def test_buckets_pad_at_most_a_quarter():

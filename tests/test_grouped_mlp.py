@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from aria_jax.grouped_mlp import CHUNKS, SLACK, grouped_mlp
+from aria_jax.grouped_mlp import CHUNKS, SLACK, grouped_mlp, grouped_mlp_split
 
 
 def reference(rows, sizes, gate_up, down):
@@ -29,8 +29,19 @@ SIZES = {
 }
 
 
+def split(chunks):
+    """grouped_mlp_split (one array per expert) behind grouped_mlp's signature."""
+    return lambda rows, sizes, gate_up, down: grouped_mlp_split(rows, sizes, tuple(gate_up), tuple(down), chunks)
+
+
+# The stacked (E, ...) weights, and one array per expert with grouped_mlp's chunks or single rows (decode).
+VARIANTS = {"stacked": grouped_mlp, "split": split(CHUNKS), "split_rows": split((1,))}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("case", sorted(SIZES))
-def test_forward_and_gradients_match_reference(case):
+def test_forward_and_gradients_match_reference(case, variant):
+    fn = VARIANTS[variant]
     sizes = np.asarray(SIZES[case], np.int32)
     rng = np.random.default_rng(len(case))
     e, d, f = len(sizes), 12, 10
@@ -40,7 +51,7 @@ def test_forward_and_gradients_match_reference(case):
     down = jnp.asarray(rng.standard_normal((e, f, d)) * 0.3, jnp.float32)
     probe = jnp.asarray(rng.standard_normal((n + SLACK, d)), jnp.float32)
 
-    out = jax.jit(grouped_mlp)(rows, sizes, gate_up, down)
+    out = jax.jit(fn)(rows, sizes, gate_up, down)
     ref = reference(rows, sizes, gate_up, down)
     assert rel_err(out, ref) <= 1e-5
     assert not np.any(np.asarray(out[int(sizes.sum()):]))
@@ -48,20 +59,21 @@ def test_forward_and_gradients_match_reference(case):
     def loss(fn, rows, gate_up, down):
         return jnp.sum(fn(rows, sizes, gate_up, down) * probe)
 
-    got = jax.jit(jax.grad(lambda *a: loss(grouped_mlp, *a), argnums=(0, 1, 2)))(rows, gate_up, down)
+    got = jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2)))(rows, gate_up, down)
     want = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(rows, gate_up, down)
     for g, w, name in zip(got, want, ("rows", "gate_up", "down"), strict=True):
         assert rel_err(g, w) <= 1e-5, name
     assert not np.any(np.asarray(got[0][int(sizes.sum()):])), "no gradient may reach unowned or slack rows"
 
 
-def test_bfloat16_gradients_accumulate_in_float32():
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bfloat16_gradients_accumulate_in_float32(variant):
     sizes = np.asarray([200, 3], np.int32)
     rng = np.random.default_rng(3)
     rows = jnp.asarray(rng.standard_normal((203 + SLACK, 16)), jnp.bfloat16)
     gate_up = jnp.asarray(rng.standard_normal((2, 16, 8)) * 0.3, jnp.bfloat16)
     down = jnp.asarray(rng.standard_normal((2, 4, 16)) * 0.3, jnp.bfloat16)
-    grads = jax.grad(lambda g, d: grouped_mlp(rows, sizes, g, d).astype(jnp.float32).sum(), argnums=(0, 1))(
+    grads = jax.grad(lambda g, d: VARIANTS[variant](rows, sizes, g, d).astype(jnp.float32).sum(), argnums=(0, 1))(
         gate_up, down)
     assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
     f32 = jax.grad(lambda g, d: reference(rows.astype(jnp.float32), sizes, g, d).sum(), argnums=(0, 1))(
