@@ -183,10 +183,12 @@ def _experts_blocked_lora(
     return _combine(jnp.take(out, dest, axis=0), order, weights)
 
 
-def split_chunks(rows: int, num_experts: int) -> tuple[int, ...]:
-    """Row chunks for ``experts_split``: single rows (a loop of matvecs, the fastest kernel on CPU for a few rows) up to
-    four rows per expert on average, else grouped_mlp's chunk sizes."""
-    return (1,) if -(-rows // num_experts) <= 4 else grouped_mlp.CHUNKS
+def split_block(rows: int, num_experts: int) -> int:
+    """Rows per matmul in ``experts_split``: 1 (a loop of matvecs, the fastest kernel on CPU for a few rows) up to
+    four rows per expert on average, else the power of two that holds them (at most 256). One block size: each
+    size is a loop per expert to compile (grouped_mlp's four sizes tripled the first prefill's compile time)."""
+    per_expert = -(-rows // num_experts)
+    return 1 if per_expert <= 4 else int(min(256, 1 << (per_expert - 1).bit_length()))
 
 
 def experts_split(
@@ -196,7 +198,7 @@ def experts_split(
     the gradient of each expert is its own array (``grouped_mlp.grouped_mlp_split``)."""
     t, k = ids.shape
     d = x.shape[-1]
-    chunks = split_chunks(t * k, len(gate_up))
+    chunks = (split_block(t * k, len(gate_up)),)
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=len(gate_up)).astype(jnp.int32)
