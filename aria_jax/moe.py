@@ -195,7 +195,8 @@ def experts_split(
     x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: Sequence[jax.Array], down: Sequence[jax.Array]
 ) -> jax.Array:
     """Routed experts with one (D, 2F) / (F, D) array per expert: no weight is copied, no expert is wasted, and
-    the gradient of each expert is its own array (``grouped_mlp.grouped_mlp_split``)."""
+    the gradient of each expert is its own array. The (token, slot) pairs are sorted by expert and each expert runs
+    its own rows in blocks of ``split_block`` rows (``grouped_mlp.grouped_mlp_split``)."""
     t, k = ids.shape
     d = x.shape[-1]
     chunks = (split_block(t * k, len(gate_up)),)
