@@ -84,19 +84,40 @@ class Attention(nn.Module):
         q = apply_rope(project(x, wq) + lora_delta(self, "q_kernel", x, 1), cos, sin)
         k = apply_rope(project(x, wk) + lora_delta(self, "k_kernel", x, 1), cos, sin)
         v = project(x, wv) + lora_delta(self, "v_kernel", x, 1)
-        # Keys as (B, kv, head_dim, S) and values as (B, kv, S, head_dim): the layouts the two attention matmuls
-        # read, so a decode step appends one column / row and never transposes the whole cache.
-        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         if cache:
-            cache = _cache_write(cache, k, v, index)
-            k, v = _cache_read(cache, x.dtype)
-        b, t = x.shape[:2]
-        # Query head n uses kv head n // (nh / nkv), as transformers' repeat_kv.
-        q = q.reshape(b, t, nkv, nh // nkv, hd)
-        scores = jnp.einsum("btkgh,bkhs->bkgts", q, k) * (hd**-0.5)
-        probs = masked_softmax(scores, mask[:, :, None], x.dtype)
-        out = jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, nh, hd)
+            out, cache = _attend_cached(q, k, v, mask, cache, index)
+        else:
+            out = _attend(q, k, v, mask)
         return project(out, wo, 2) + lora_delta(self, "o_kernel", out, 2), cache
+
+
+def _attend_cached(q, k, v, mask, cache, index):
+    """Attention over the KV cache after writing ``k``, ``v`` at ``index``."""
+    # Keys as (B, kv, head_dim, S) and values as (B, kv, S, head_dim): the layouts the two attention matmuls
+    # read, so a decode step appends one column / row and never transposes the whole cache.
+    cache = _cache_write(cache, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), index)
+    k, v = _cache_read(cache, q.dtype)
+    b, t, nh, hd = q.shape
+    nkv = k.shape[1]
+    # Query head n uses kv head n // (nh / nkv), as transformers' repeat_kv.
+    q = q.reshape(b, t, nkv, nh // nkv, hd)
+    scores = jnp.einsum("btkgh,bkhs->bkgts", q, k) * (hd**-0.5)
+    probs = masked_softmax(scores, mask[:, :, None], q.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, nh, hd), cache
+
+
+def _attend(q, k, v, mask):
+    """Attention without a cache (prefill of a whole sequence, training): batch and kv head lead every operand, so
+    both matmuls and their gradients are plain batched matmuls (XLA:CPU transposed the mixed layouts per call)."""
+    b, t, nh, hd = q.shape
+    nkv = k.shape[2]
+    g = nh // nkv  # query head n uses kv head n // g, as transformers' repeat_kv
+    q = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, hd)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k) * (hd**-0.5)
+    probs = masked_softmax(scores.reshape(b, nkv, g, t, -1), mask[:, :, None], q.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, nkv, g * t, -1), v)
+    return out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, nh, hd)
 
 
 class DecoderLayer(nn.Module):

@@ -124,3 +124,19 @@ def test_int8_kv_cache_through_generate(aria_model):
     assert out.shape == (2, 6)
     with pytest.raises(ValueError, match="kv_cache must be 'float' or 'int8', got 'fp8'"):
         model.generate(ids, max_new_tokens=6, kv_cache="fp8")
+
+
+def test_attention_without_cache_equals_attention_over_a_cache():
+    """The no-cache attention (batch-leading layouts, training and plain forward) against the cached one (decode
+    layouts) over the same keys: GQA with 2 query heads per kv head, left padding, float32."""
+    from aria_jax.text import _attend, _attend_cached
+
+    rng = np.random.default_rng(0)
+    b, t, nh, nkv, hd = 2, 7, 4, 2, 8
+    q, k, v = (jax.numpy.asarray(rng.standard_normal((b, t, n, hd)), jax.numpy.float32) for n in (nh, nkv, nkv))
+    mask = causal_mask(jax.numpy.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * t]), b, t, t)
+    cache = {"k": jax.numpy.zeros((b, nkv, hd, t)), "v": jax.numpy.zeros((b, nkv, t, hd))}
+    cached, _ = _attend_cached(q, k, v, mask, cache, 0)
+    out = np.asarray(_attend(q, k, v, mask))
+    assert out.shape == (b, t, nh, hd)
+    assert rel_err(out, np.asarray(cached)) < 1e-6
