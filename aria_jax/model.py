@@ -68,12 +68,15 @@ class AriaModel(nn.Module):
     remat: bool = False
     mesh: Mesh | None = None  # expert parallelism when it has an "expert" axis of size > 1
     unrolled: bool = False  # the unrolled parameter layout (aria_jax.param_layout), for CPU inference
+    split_experts: bool = True  # unrolled: one array per expert; False: per-layer expert stacks (CPU training)
 
     def setup(self):
         cfg = self.config
         self.vision_tower = VisionTower(cfg.vision, cfg.vision_layers_used, self.dtype, self.remat)
         self.projector = Projector(cfg, self.dtype)
-        self.language_model = TextDecoder(cfg.text, self.moe_backend, self.dtype, self.remat, self.mesh, self.unrolled)
+        self.language_model = TextDecoder(
+            cfg.text, self.moe_backend, self.dtype, self.remat, self.mesh, self.unrolled, self.split_experts
+        )
 
     def image_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None) -> jax.Array:
         """(N, 3, S, S) pixels -> (N, Q, D) image tokens for the decoder."""

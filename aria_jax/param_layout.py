@@ -6,6 +6,10 @@
   (``mlp/gate_up_{e}``, ``mlp/down_{e}``). XLA on CPU copies any slice of a stacked parameter before a matmul
   reads it (a layer inside the scan, an expert inside the MoE), so decoding from the stacked layout moves several
   times the bytes it computes with; the unrolled layout reads every weight in place.
+
+``unroll_layers`` / ``stack_layers`` convert only the layer axis (the experts stay (E, ...) arrays): the layout CPU
+training runs in (aria_jax.training; checkpoints and exports stay stacked). They take any tree keyed like the params
+(LoRA pairs, Adam moments); ``map_param_trees`` applies them inside an optimizer state.
 """
 
 from __future__ import annotations
@@ -53,6 +57,34 @@ def stack(params: dict) -> dict:
         layer["mlp"] = mlp
     text["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return {**params, "language_model": text}
+
+
+def unroll_layers(tree: dict) -> dict:
+    """``language_model/layers`` (leading layer axis) -> ``layers_0 ... layers_{L-1}``; other keys unchanged."""
+    text = dict(tree.get("language_model", {}))
+    if "layers" not in text:
+        return tree
+    stacked = text.pop("layers")
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    text.update({f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)})
+    return {**tree, "language_model": text}
+
+
+def stack_layers(tree: dict) -> dict:
+    """The inverse of ``unroll_layers``."""
+    text = dict(tree.get("language_model", {}))
+    names = sorted((k for k in text if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    if not names:
+        return tree
+    text["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[text.pop(k) for k in names])
+    return {**tree, "language_model": text}
+
+
+def map_param_trees(fn, tree):
+    """``fn`` applied to every params-keyed dict (one with a ``language_model`` key) inside ``tree``, e.g. the
+    moments of an optax state; every other leaf unchanged."""
+    is_params = lambda x: isinstance(x, dict) and "language_model" in x
+    return jax.tree.map(lambda x: fn(x) if is_params(x) else x, tree, is_leaf=is_params)
 
 
 def is_unrolled(params: dict) -> bool:

@@ -157,6 +157,7 @@ class TextDecoder(nn.Module):
     remat: bool = False
     mesh: Mesh | None = None
     unrolled: bool = False
+    split_experts: bool = True  # unrolled: one array per expert; False: each layer's (E, ...) expert stacks
 
     def setup(self):
         cfg = self.config
@@ -169,7 +170,7 @@ class TextDecoder(nn.Module):
         layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         if self.unrolled:
             self.layer_list = [
-                layer(cfg, self.moe_backend, self.dtype, self.mesh, split_experts=True, name=f"layers_{i}")
+                layer(cfg, self.moe_backend, self.dtype, self.mesh, self.split_experts, name=f"layers_{i}")
                 for i in range(cfg.num_hidden_layers)
             ]
         else:

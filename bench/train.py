@@ -35,18 +35,24 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from aria_jax import Aria
+    from aria_jax import Aria, param_layout
     from aria_jax.model import AriaModel
     from aria_jax.training import steps as S
 
     model = Aria.from_pretrained(directory, dtype="float32", layout="stacked")
     cfg = model.config
     trainable, frozen = S.split_params(model.params, lambda p: p[0] != "vision_tower")
+    del model  # the stacked copy goes once the trees below hold the per-layer one
     from flax import traverse_util
 
     trainable, frozen = traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+    # the layout train.py picks (scan_layers null): per layer on CPU; BENCH_SCAN_LAYERS=1 runs the layer scan
+    layerwise = os.environ.get("BENCH_SCAN_LAYERS", "0") != "1" and jax.default_backend() == "cpu"
+    if layerwise:
+        trainable, frozen = param_layout.unroll_layers(trainable), param_layout.unroll_layers(frozen)
     spec = S.LossSpec(cfg.text.moe_topk, 1e-4, 1e-5, 1, None)
-    module = AriaModel(cfg, moe_backend=os.environ.get("BENCH_MOE_BACKEND", "auto"))
+    module = AriaModel(cfg, moe_backend=os.environ.get("BENCH_MOE_BACKEND", "auto"), unrolled=layerwise,
+                       split_experts=False)
     grad_fn = S.make_grad_fn(S.make_objective(module, spec))
 
     class Opt:

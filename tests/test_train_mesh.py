@@ -30,3 +30,17 @@ def test_mesh_training_equals_one_device(tmp_path, one_device, mesh, fsdp):
         for key in ("loss", "lm_loss", "grad_norm", "aux_loss", "z_loss"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a, b)
     assert one_device[-1]["lm_loss"] < one_device[0]["lm_loss"]
+
+
+def test_scanned_layers_train_like_per_layer_ones_and_read_their_checkpoints(tmp_path, one_device):
+    """``scan_layers=true`` (the GPU/TPU layout) against the CPU default (one parameter tree per layer): the same
+    metrics, and a run in one layout resumes from the other's checkpoint (checkpoints are stacked either way)."""
+    scanned = _train(tmp_path / "scan", "scan_layers=true", "save_steps=2")
+    for a, b in zip(scanned, one_device, strict=True):
+        for key in ("loss", "lm_loss", "grad_norm", "aux_loss", "z_loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a, b)
+    resumed = _train(tmp_path / "resumed", "scan_layers=false", f"resume_from_checkpoint={tmp_path / 'scan'}/checkpoints/2")
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(resumed, scanned[2:], strict=True):
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a, b)

@@ -170,3 +170,20 @@ def test_grad_fn_writes_into_the_spare_gradients():
     for k in trainable:
         np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(want_grads[k]), rtol=1e-5, atol=1e-6)
     assert grad_fn.lower(grads, *args).compile().memory_analysis().alias_size_in_bytes == 4 * (8 * 16 + 16 * 4)
+
+
+def test_frozen_layers_do_not_move_in_the_per_layer_layout():
+    """``freeze_llm_layers`` on the per-layer training layout (param_layout.unroll_layers, CPU default)."""
+    from aria_jax import param_layout
+
+    cfg = TrainConfig(model_config={}, weight_decay=0.1, learning_rate=0.1, freeze_llm_layers=[1])
+    trainable = param_layout.unroll_layers(
+        {"language_model": {"layers": {"w": jnp.ones((3, 4, 4))}, "lm_head": {"kernel": jnp.ones((4, 5))}}})
+    schedule = S.make_schedule("constant", cfg.learning_rate, 10, 0)
+    tx = S.make_optimizer(cfg, schedule, trainable)
+    masks = S.layer_masks(traverse_util.flatten_dict(trainable), cfg.freeze_llm_layers, 3)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    new, _, _ = jax.jit(S.make_update(tx, masks, schedule))(state, jax.tree.map(jnp.ones_like, trainable))
+    text = new["trainable"]["language_model"]
+    np.testing.assert_array_equal(np.asarray(text["layers_1"]["w"]), 1.0)
+    assert np.all(np.asarray(text["layers_0"]["w"]) < 1.0) and np.all(np.asarray(text["layers_2"]["w"]) < 1.0)

@@ -60,6 +60,10 @@ class TrainConfig:
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
+    # The decoder layers as one scan over stacked parameters (bounded compile time: GPU/TPU), or one parameter tree
+    # per layer (CPU: no per-layer slice copies, a 14-17% faster step). null: per layer on CPU. Checkpoints and
+    # exports are stacked either way.
+    scan_layers: bool | None = None
     bf16: bool = False  # bfloat16 compute on float32 master weights
     # Checkpoints, logging, output.
     save_steps: int = 500

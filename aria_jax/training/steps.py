@@ -33,12 +33,18 @@ def split_params(params: dict, trainable: Callable[[tuple[str, ...]], bool]) -> 
 
 
 def layer_masks(flat: Flat, frozen_layers: list[int], n_layers: int) -> Flat:
-    """Per stacked decoder parameter: 1.0 for trainable layers, 0.0 for ``freeze_llm_layers`` (broadcastable)."""
+    """Per decoder parameter: 1.0 for trainable layers, 0.0 for ``freeze_llm_layers`` (broadcastable); stacked
+    (``layers``) or per-layer (``layers_{i}``, aria_jax.param_layout.unroll_layers) paths."""
     if not frozen_layers:
         return {}
     keep = jnp.ones(n_layers, jnp.float32).at[jnp.asarray(frozen_layers, jnp.int32)].set(0.0)
-    return {p: keep.reshape((n_layers,) + (1,) * (v.ndim - 1)) for p, v in flat.items()
-            if p[:2] == ("language_model", "layers")}
+    masks = {}
+    for p, v in flat.items():
+        if p[:2] == ("language_model", "layers"):
+            masks[p] = keep.reshape((n_layers,) + (1,) * (v.ndim - 1))
+        elif p[0] == "language_model" and p[1].startswith("layers_"):
+            masks[p] = keep[int(p[1].split("_")[1])]
+    return masks
 
 
 def apply_masks(tree: dict, masks: Flat) -> dict:

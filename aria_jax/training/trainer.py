@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from aria_jax import distributed
+from aria_jax import distributed, param_layout
 from aria_jax.config import AriaConfig
 from aria_jax.model import AriaModel
 from aria_jax.training import checkpoint as ckpt
@@ -63,6 +63,7 @@ class Setup:
     num_samples: int
     mesh: jax.sharding.Mesh | None = None
     rows: Rows = Rows()
+    layerwise: bool = False  # trainable / frozen / optimizer state per layer (param_layout.unroll_layers)
     spare_grads: list = dataclasses.field(default_factory=list)  # consumed gradient trees, donated (make_grad_fn)
 
 
@@ -149,8 +150,9 @@ def build(cfg: TrainConfig) -> Setup:
     rows = batch_rows(mesh, cfg.per_device_train_batch_size)
     config, params, processor = load_model(cfg, mesh)
     params = place(params, config, mesh, cfg.fsdp)
+    layerwise = not scan_layers(cfg)
     module = AriaModel(config, moe_backend=cfg.moe_backend, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
-                       remat=cfg.gradient_checkpointing, mesh=mesh)
+                       remat=cfg.gradient_checkpointing, mesh=mesh, unrolled=layerwise, split_experts=False)
     frozen_parts = S.frozen_parts(cfg)
     if cfg.use_peft:
         try:
@@ -172,8 +174,23 @@ def build(cfg: TrainConfig) -> Setup:
     bad = [i for i in cfg.freeze_llm_layers if not isinstance(i, int) or not 0 <= i < n_layers]
     if bad:
         raise RecipeError(f"config key 'freeze_llm_layers': layer {bad[0]!r} is not in 0..{n_layers - 1}")
+    if layerwise:  # LoRA pairs and masks were made on the stacked layout; checkpoints and exports stay stacked
+        trainable, frozen = param_layout.unroll_layers(trainable), param_layout.unroll_layers(frozen)
+        params = frozen if cfg.use_peft else traverse_util.unflatten_dict(
+            {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
     loader, size = build_loader(cfg, config, processor, records, rows)
-    return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size, mesh, rows)
+    return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size, mesh, rows, layerwise)
+
+
+def scan_layers(cfg: TrainConfig) -> bool:
+    """``scan_layers``, or when null: scanned except on CPU, where XLA copies every slice of a stacked parameter
+    (a step of the mid-size benchmark model runs 14-17% faster per layer)."""
+    return cfg.scan_layers if cfg.scan_layers is not None else jax.default_backend() != "cpu"
+
+
+def stacked_state(setup: Setup, state):
+    """``state`` (or any tree holding params-keyed dicts) in the stacked layout checkpoints and exports use."""
+    return param_layout.map_param_trees(param_layout.stack_layers, state) if setup.layerwise else state
 
 
 class MetricsLog:
@@ -298,9 +315,12 @@ def restore_or_init(setup: Setup, manager, state: dict) -> tuple[dict, int | Non
         if cfg.resume_from_checkpoint is True:
             return state, None  # nothing saved yet: a fresh start
         raise RecipeError(f"config key 'resume_from_checkpoint': no checkpoint found in {directory}")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            stacked_state(setup, state))
     restored, data_state = ckpt.restore(source, step, abstract)
     setup.loader.state = {k: int(v) for k, v in data_state.items()}
+    if setup.layerwise:
+        restored = param_layout.map_param_trees(param_layout.unroll_layers, restored)
     return restored, step
 
 
@@ -309,8 +329,9 @@ def export_final(setup: Setup, state: dict) -> None:
 
     cfg = setup.cfg
     multi = distributed.spans_processes(setup.mesh)  # then gather sharded arrays (every process), write on one
-    trainable = jax.tree.map(distributed.to_host, state["trainable"]) if multi else jax.device_get(state["trainable"])
-    frozen = jax.tree.map(distributed.to_host, setup.frozen) if multi else setup.frozen
+    trainable, frozen = stacked_state(setup, state["trainable"]), stacked_state(setup, setup.frozen)
+    trainable = jax.tree.map(distributed.to_host, trainable) if multi else jax.device_get(trainable)
+    frozen = jax.tree.map(distributed.to_host, frozen) if multi else frozen
     if not distributed.is_main_process():
         return
     out = os.path.join(cfg.output_dir, "export")
@@ -365,7 +386,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             metrics_log.write(metrics)
             bar.set_postfix(loss=f"{metrics['lm_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
         if step % cfg.save_steps == 0 or step == total:
-            ckpt.save(manager, step, state, dict(setup.loader.state))
+            ckpt.save(manager, step, stacked_state(setup, state), dict(setup.loader.state))
         bar.update(1)
     bar.close()
     manager.wait_until_finished()
