@@ -146,9 +146,10 @@ class DecoderLayer(nn.Module):
 class TextDecoder(nn.Module):
     """Embedded inputs (B, T, D) -> logits (B, T, V) and per-layer router logits (L, B*T, E).
 
-    The layers are one ``nn.scan`` over stacked parameters (``layers``), or, with ``unrolled`` (the inference
-    layout of aria_jax.param_layout), ``layers_0`` ... ``layers_{L-1}`` with one array per expert, so no layer's
-    weights are sliced out of a stack (XLA copies such slices on CPU).
+    The layers are one ``nn.scan`` over stacked parameters (``layers``), or, with ``unrolled``, ``layers_0`` ...
+    ``layers_{L-1}``, so no layer's weights are sliced out of a stack (XLA copies such slices on CPU): with one array
+    per expert (``split_experts``, the inference layout of aria_jax.param_layout) or each layer's (E, ...) expert
+    stacks (CPU training, param_layout.unroll_layers).
     """
 
     config: AriaTextConfig
