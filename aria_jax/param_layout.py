@@ -20,6 +20,11 @@ import jax.numpy as jnp
 EXPERT_KEYS = ("gate_up", "down")
 
 
+def _layer_keys(text: dict) -> list[str]:
+    """``layers_0 ... layers_{L-1}`` of an unrolled ``language_model`` tree, in layer order."""
+    return sorted((k for k in text if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+
+
 def _unstack(a: jax.Array) -> list[jax.Array]:
     return [a[i] for i in range(a.shape[0])]
 
@@ -47,8 +52,7 @@ def unroll(params: dict) -> dict:
 def stack(params: dict) -> dict:
     """Unrolled -> stacked (the inverse of ``unroll``)."""
     text = dict(params["language_model"])
-    names = sorted((k for k in text if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
-    layers = [dict(text.pop(k)) for k in names]
+    layers = [dict(text.pop(k)) for k in _layer_keys(text)]
     for layer in layers:
         mlp = dict(layer["mlp"])
         for key in EXPERT_KEYS:
@@ -73,7 +77,7 @@ def unroll_layers(tree: dict) -> dict:
 def stack_layers(tree: dict) -> dict:
     """The inverse of ``unroll_layers``."""
     text = dict(tree.get("language_model", {}))
-    names = sorted((k for k in text if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    names = _layer_keys(text)
     if not names:
         return tree
     text["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[text.pop(k) for k in names])

@@ -38,6 +38,7 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
     from aria_jax import Aria, param_layout
     from aria_jax.model import AriaModel
     from aria_jax.training import steps as S
+    from aria_jax.training.trainer import resolve_scan_layers
 
     model = Aria.from_pretrained(directory, dtype="float32", layout="stacked")
     cfg = model.config
@@ -47,7 +48,7 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
 
     trainable, frozen = traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
     # the layout train.py picks (scan_layers null): per layer on CPU; BENCH_SCAN_LAYERS=1 runs the layer scan
-    layerwise = os.environ.get("BENCH_SCAN_LAYERS", "0") != "1" and jax.default_backend() == "cpu"
+    layerwise = not resolve_scan_layers(True if os.environ.get("BENCH_SCAN_LAYERS") == "1" else None)
     if layerwise:
         trainable, frozen = param_layout.unroll_layers(trainable), param_layout.unroll_layers(frozen)
     spec = S.LossSpec(cfg.text.moe_topk, 1e-4, 1e-5, 1, None)

@@ -39,7 +39,8 @@ def test_scanned_layers_train_like_per_layer_ones_and_read_their_checkpoints(tmp
     for a, b in zip(scanned, one_device, strict=True):
         for key in ("loss", "lm_loss", "grad_norm", "aux_loss", "z_loss"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (key, a, b)
-    resumed = _train(tmp_path / "resumed", "scan_layers=false", f"resume_from_checkpoint={tmp_path / 'scan'}/checkpoints/2")
+    checkpoint = tmp_path / "scan" / "checkpoints" / "2"
+    resumed = _train(tmp_path / "resumed", "scan_layers=false", f"resume_from_checkpoint={checkpoint}")
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(resumed, scanned[2:], strict=True):
         for key in ("loss", "lm_loss", "grad_norm"):
