@@ -6,7 +6,8 @@ import torch
 from conftest import rel_err
 from hf_models import CONFIGS, image_batch
 
-from aria_jax.vision import VisionTower, bucket_boundaries, patch_attention_mask, position_ids
+from aria_jax import vision
+from aria_jax.vision import VisionTower, bucket_boundaries, patch_attention_mask, position_ids, query_chunk
 
 
 @pytest.mark.parametrize("side", [4, 14, 70])
@@ -63,3 +64,26 @@ def test_vision_tower_matches_hidden_states_before_post_layernorm(name, masked, 
         assert not np.asarray(valid).all()
     keep = np.asarray(valid)  # padded query rows carry unused values in both implementations
     assert rel_err(np.asarray(out)[keep], ref.numpy()[keep]) <= 1e-5
+
+
+def test_query_chunk_keeps_one_block_unless_the_scores_outgrow_the_budget():
+    assert query_chunk(1, 4, 1225) == 1225  # the benchmarks' mid-size tower at 490 px: 24 MB, one block
+    assert query_chunk(1, 16, 1225) == 768  # Aria at 490 px: 96 MB in one block, two chunks
+    assert query_chunk(1, 16, 4900) == 256  # Aria at 980 px: 1.5 GB in one block
+    assert query_chunk(8, 16, 4900) == 256  # never below MIN_QUERY_CHUNK
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_vision_tower_in_query_chunks_equals_one_block(name, aria_model, monkeypatch):
+    model = aria_model(name)
+    batch = image_batch(name, np.random.default_rng(11))
+    tower = VisionTower(model.config.vision, model.config.vision_layers_used)
+    args = ({"params": model.params["vision_tower"]}, batch["pixel_values"], batch["pixel_mask"])
+    whole, valid = tower.apply(*args)
+    monkeypatch.setattr(vision, "SCORE_BLOCK_BYTES", 1)
+    monkeypatch.setattr(vision, "MIN_QUERY_CHUNK", 5)
+    patches = np.asarray(valid).shape[1]
+    assert vision.query_chunk(1, 1, patches) == 5 < patches
+    chunked, _ = tower.apply(*args)
+    keep = np.asarray(valid)
+    assert rel_err(np.asarray(chunked)[keep], np.asarray(whole)[keep]) <= 1e-6
