@@ -48,7 +48,12 @@ def test_patch_mask_any_valid_pixel():
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("masked", [True, False])
-def test_vision_tower_matches_hidden_states_before_post_layernorm(name, masked, hf_model, aria_model):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_vision_tower_matches_hidden_states_before_post_layernorm(name, masked, chunked, hf_model, aria_model,
+                                                                  monkeypatch):
+    if chunked:  # attention in 5-query chunks instead of one block
+        monkeypatch.setattr(vision, "SCORE_BLOCK_BYTES", 1)
+        monkeypatch.setattr(vision, "MIN_QUERY_CHUNK", 5)
     hf = hf_model(name).model
     model = aria_model(name)
     batch = image_batch(name, np.random.default_rng(10))
@@ -63,6 +68,7 @@ def test_vision_tower_matches_hidden_states_before_post_layernorm(name, masked, 
         np.testing.assert_array_equal(np.asarray(valid), patch_mask.flatten(1).numpy())
         assert not np.asarray(valid).all()
     keep = np.asarray(valid)  # padded query rows carry unused values in both implementations
+    assert chunked == (query_chunk(1, 1, keep.shape[1]) < keep.shape[1])
     assert rel_err(np.asarray(out)[keep], ref.numpy()[keep]) <= 1e-5
 
 
@@ -72,18 +78,3 @@ def test_query_chunk_keeps_one_block_unless_the_scores_outgrow_the_budget():
     assert query_chunk(1, 16, 4900) == 256  # Aria at 980 px: 1.5 GB in one block
     assert query_chunk(8, 16, 4900) == 256  # never below MIN_QUERY_CHUNK
 
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_vision_tower_in_query_chunks_equals_one_block(name, aria_model, monkeypatch):
-    model = aria_model(name)
-    batch = image_batch(name, np.random.default_rng(11))
-    tower = VisionTower(model.config.vision, model.config.vision_layers_used)
-    args = ({"params": model.params["vision_tower"]}, batch["pixel_values"], batch["pixel_mask"])
-    whole, valid = tower.apply(*args)
-    monkeypatch.setattr(vision, "SCORE_BLOCK_BYTES", 1)
-    monkeypatch.setattr(vision, "MIN_QUERY_CHUNK", 5)
-    patches = np.asarray(valid).shape[1]
-    assert vision.query_chunk(1, 1, patches) == 5 < patches
-    chunked, _ = tower.apply(*args)
-    keep = np.asarray(valid)
-    assert rel_err(np.asarray(chunked)[keep], np.asarray(whole)[keep]) <= 1e-6
