@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -15,13 +14,13 @@ import numpy as np
 
 from aria_jax import distributed, param_layout
 from aria_jax.config import AriaConfig
+from aria_jax.errors import InputError
+from aria_jax.files import read_json, resolve_model
 from aria_jax.generation import Decoder, GenerationStats, StopRule, stop_string_checker
 from aria_jax.model import AriaModel, check_image_token_count
 from aria_jax.moe import MOE_BACKENDS
 from aria_jax.sampling import SamplingConfig
 from aria_jax.weights import load_params
-
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
 
 
 def resolve_dtype(dtype, cfg: AriaConfig | None = None) -> jnp.dtype:
@@ -35,18 +34,6 @@ def resolve_dtype(dtype, cfg: AriaConfig | None = None) -> jnp.dtype:
     if not jnp.issubdtype(resolved, jnp.floating):
         raise ValueError(f"dtype must be a floating type, got {dtype!r}")
     return resolved
-
-
-def resolve_path(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> str:
-    """A local directory as is; otherwise a hub id fetched with huggingface_hub (HF_HUB_OFFLINE honoured)."""
-    path = os.fspath(path_or_hub_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
-        raise FileNotFoundError(f"{path}: not a model directory (and not a hub id like 'rhymes-ai/Aria')")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(path, revision=revision, allow_patterns=HUB_FILES)
 
 
 def example_inputs(cfg: AriaConfig) -> dict[str, jax.Array]:
@@ -165,7 +152,7 @@ class Aria:
         ``jax.sharding.Mesh`` or a spec like ``"data=2,expert=4,tensor=1"``) places every parameter with
         ``aria_jax.sharding.param_shardings``; each device receives only its own slice.
         """
-        path = resolve_path(path_or_hub_id, revision)
+        path = resolve_model(path_or_hub_id, revision)
         config = AriaConfig.from_pretrained(path)
         dtype = resolve_dtype(dtype, config)
         from aria_jax.sharding import make_mesh
@@ -389,12 +376,15 @@ def read_generation_config(path: str) -> dict:
     file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(file):
         return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    return {k: raw[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if raw.get(k) is not None}
+    raw = read_json(file)
+    if not isinstance(raw, dict):
+        raise InputError(f"{file}: expected a JSON object")
+    ids = {k: raw[k] for k in ("eos_token_id", "pad_token_id", "bos_token_id") if raw.get(k) is not None}
+    for key, value in ids.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise InputError(f"{file}: {key} must be a token id or a list of them, got {value!r}")
+    return ids
 
 
 def load_processor(path: str):

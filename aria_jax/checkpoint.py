@@ -11,11 +11,13 @@ a device restoring its shard reads only that shard.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
@@ -23,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from aria_jax.safetensors_io import CheckpointError, contiguous
+from aria_jax.errors import one_line
+from aria_jax.files import read_json
+from aria_jax.safetensors_io import DTYPES, CheckpointError, contiguous
 
 PARAMS_DIR = "params"
 _ONE_PER_CHUNK = ("layers", "expert", "q_heads", "kv_heads", "vision_heads")
@@ -268,40 +272,136 @@ def _dump(path: str, obj: dict) -> None:
         json.dump(obj, f, separators=(",", ":"))
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """One zarr array of a converted directory, as its ``.zarray`` describes it."""
+
+    name: str  # "language_model.layers.mlp.gate_up": the params path joined by "."
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    compressed: bool
+
+    @property
+    def chunk_bytes(self) -> int:
+        return math.prod(self.chunks) * self.dtype.itemsize
+
+    def chunk_keys(self) -> Iterator[str]:
+        """Every chunk's file name (zarr v2, "." separated; "0" for a 0-d array)."""
+        grid = [range(-(-n // c)) for n, c in zip(self.shape, self.chunks, strict=True)]
+        for index in itertools.product(*grid):
+            yield ".".join(map(str, index)) or "0"
+
+
+def _tree_names(root: str) -> list[str]:
+    """Parameter names from Orbax's ``_METADATA`` (its tree of key paths), checked to be well formed."""
+    file = os.path.join(root, "_METADATA")
+    meta = read_json(file, CheckpointError)
+    tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
+    if not isinstance(tree, dict) or not tree:
+        raise CheckpointError(f"{file}: not an Orbax checkpoint's metadata (no tree_metadata)")
+    names = []
+    for entry in tree.values():
+        keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+        if not isinstance(keys, list) or not keys or not all(
+            isinstance(k, dict) and isinstance(k.get("key"), str) and k["key"] and "." not in k["key"] for k in keys
+        ):
+            raise CheckpointError(f"{file}: malformed entry in tree_metadata ({str(entry)[:80]})")
+        names.append(".".join(k["key"] for k in keys))
+    return names
+
+
+def _stored_array(root: str, name: str) -> StoredArray:
+    file = os.path.join(root, name, ".zarray")
+    meta = read_json(file, CheckpointError)
+    is_size = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    ok = isinstance(meta, dict) and meta.get("zarr_format") == 2 and meta.get("order", "C") == "C"
+    shape, chunks = (meta.get("shape"), meta.get("chunks")) if ok else (None, None)
+    ok = ok and isinstance(shape, list) and all(is_size(n, 0) for n in shape)
+    ok = ok and isinstance(chunks, list) and len(chunks) == len(shape) and all(is_size(c, 1) for c in chunks)
+    ok = ok and meta.get("dimension_separator", ".") == "." and meta.get("filters") is None
+    if not ok:
+        raise CheckpointError(f"{file}: not a zarr v2 array description this reader understands")
+    try:
+        dtype = np.dtype(jnp.dtype(meta["dtype"])) if isinstance(meta.get("dtype"), str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype not in DTYPES.values():
+        raise CheckpointError(f"{file}: unknown dtype {meta.get('dtype')!r}")
+    return StoredArray(name, tuple(shape), tuple(chunks), dtype, meta.get("compressor") is not None)
+
+
+def stored_arrays(directory: str | os.PathLike) -> dict[str, StoredArray]:
+    """Every array of a converted directory's params checkpoint, read from its metadata files (no array data).
+
+    Read here rather than through Orbax, whose errors on a damaged file are AttributeErrors and tensorstore
+    messages: every problem is a ``CheckpointError`` naming the file.
+    """
+    root = os.path.join(os.fspath(directory), PARAMS_DIR)
+    return {name: _stored_array(root, name) for name in _tree_names(root)}
+
+
+def check_chunks(directory: str | os.PathLike, arrays: Iterable[StoredArray]) -> None:
+    """Every chunk file of ``arrays`` exists and (uncompressed) holds exactly one chunk's bytes; tensorstore would
+    read a missing chunk as zeros and a short one as an error deep in a restore."""
+    root = os.path.join(os.fspath(directory), PARAMS_DIR)
+    for array in arrays:
+        folder = os.path.join(root, array.name)
+        try:
+            sizes = {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
+        except OSError as e:
+            raise CheckpointError(f"{folder}: cannot read ({e.strerror})") from None
+        for key in array.chunk_keys():
+            if key not in sizes:
+                raise CheckpointError(f"{root}: parameter '{array.name}': chunk file {key} is missing")
+            if not array.compressed and sizes[key] != array.chunk_bytes:
+                raise CheckpointError(
+                    f"{root}: parameter '{array.name}': chunk file {key} has {sizes[key]} bytes, "
+                    f"expected {array.chunk_bytes} (truncated or corrupt)"
+                )
+
+
+def check_stored(directory: str | os.PathLike, param_shapes: dict) -> dict[str, StoredArray]:
+    """The directory's arrays, checked to be exactly ``param_shapes`` (names and shapes) with every chunk whole."""
+    root = os.path.join(os.fspath(directory), PARAMS_DIR)
+    stored = stored_arrays(directory)
+    expected = {".".join(p): s.shape for p, s in _leaves(param_shapes).items()}
+    for name, shape in expected.items():
+        if name not in stored:
+            raise CheckpointError(f"{root}: missing parameter '{name}'")
+        if stored[name].shape != shape:
+            raise CheckpointError(
+                f"{root}: parameter '{name}' has shape {list(stored[name].shape)}, config.json implies {list(shape)}"
+            )
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(f"{root}: unexpected parameter '{extra[0]}' (not part of this Aria config)")
+    check_chunks(directory, stored.values())
+    return stored
+
+
 def stored_params(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Name -> (shape, dtype) of every array in a converted directory's Orbax checkpoint."""
-    root = os.path.join(os.fspath(directory), PARAMS_DIR)
-    try:
-        meta = ocp.PyTreeCheckpointer().metadata(root).item_metadata.tree
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{root}: unreadable Orbax checkpoint ({e})") from None
-    flat = jax.tree_util.tree_leaves_with_path(meta, is_leaf=lambda x: hasattr(x, "shape"))
-    return {".".join(k.key for k in path): (tuple(m.shape), np.dtype(m.dtype)) for path, m in flat}
+    return {name: (a.shape, a.dtype) for name, a in stored_arrays(directory).items()}
 
 
 def restore_params(directory: str | os.PathLike, param_shapes: dict, shardings: dict | None = None) -> dict:
     """Restore the params of a converted directory as ``param_shapes`` (its dtype) placed on ``shardings``.
 
-    Without ``shardings`` everything lands on the first device. Each device reads only its own shard.
+    Without ``shardings`` everything lands on the first device. Each device reads only its own shard. The metadata
+    and every chunk file are checked first (``stored_arrays``, ``check_chunks``): a damaged directory is one
+    ``CheckpointError`` naming the file or parameter.
     """
     directory = os.fspath(directory)
     root = os.path.join(directory, PARAMS_DIR)
-    stored = stored_params(directory)
-    expected = {".".join(p): s.shape for p, s in _leaves(param_shapes).items()}
-    for name, shape in expected.items():
-        if name not in stored:
-            raise CheckpointError(f"{root}: missing parameter '{name}'")
-        if stored[name][0] != shape:
-            raise CheckpointError(
-                f"{root}: parameter '{name}' has shape {list(stored[name][0])}, config.json implies {list(shape)}"
-            )
-    extra = sorted(set(stored) - set(expected))
-    if extra:
-        raise CheckpointError(f"{root}: unexpected parameter '{extra[0]}' (not part of this Aria config)")
+    check_stored(directory, param_shapes)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, param_shapes)
     restore_args = jax.tree.map(
         lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=s.shape, dtype=s.dtype), param_shapes, shardings
     )
-    return ocp.PyTreeCheckpointer().restore(root, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    try:
+        return ocp.PyTreeCheckpointer().restore(root, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:  # Orbax / tensorstore raise many types for files damaged past what was checked above
+        raise CheckpointError(f"{root}: cannot restore ({type(e).__name__}: {one_line(e)})") from None

@@ -7,9 +7,11 @@ import sys
 from collections import Counter
 
 from aria_jax import cli_generate, demo, plan
-from aria_jax.checkpoint import is_converted, stored_params
-from aria_jax.config import AriaConfig, ConfigError
-from aria_jax.safetensors_io import CheckpointError, open_checkpoint
+from aria_jax.checkpoint import check_chunks, is_converted, stored_arrays
+from aria_jax.config import AriaConfig
+from aria_jax.errors import one_line, os_error_line
+from aria_jax.files import resolve_model
+from aria_jax.safetensors_io import open_checkpoint
 from aria_jax.verify import VerifyError
 from aria_jax.weights import detect_layout, tensor_specs, to_hub_name
 
@@ -48,9 +50,10 @@ def _fmt(n: float) -> str:
 
 
 def _inspect_orbax(path: str) -> tuple[str, dict[str, int], int, list[str]]:
-    stored = stored_params(path)
-    dtypes = Counter(str(dtype) for _, dtype in stored.values())
-    nbytes = sum(_numel(shape) * dtype.itemsize for shape, dtype in stored.values())
+    stored = stored_arrays(path)
+    check_chunks(path, stored.values())  # a damaged directory is reported here, not at the next load
+    dtypes = Counter(str(a.dtype) for a in stored.values())
+    nbytes = sum(_numel(a.shape) * a.dtype.itemsize for a in stored.values())
     return f"{len(stored)} arrays in an Orbax checkpoint", dtypes, nbytes, []
 
 
@@ -66,9 +69,7 @@ def _inspect_hf(path: str, cfg: AriaConfig) -> tuple[str, str, dict[str, int], i
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from aria_jax.api import resolve_path
-
-    path = resolve_path(args.path)
+    path = resolve_model(args.path)
     cfg = AriaConfig.from_pretrained(path)
     if is_converted(path):
         layout = "orbax"
@@ -112,6 +113,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         mesh=args.mesh,
         verify=args.verify,
         progress=not args.quiet,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(
         f"converted {summary['tensors']} tensors ({summary['bytes']:,} bytes, {summary['layout']} layout) "
@@ -157,7 +159,8 @@ def _add_convert(sub) -> None:
         "Tensors are streamed one at a time; nothing is left behind on failure.",
     )
     p.add_argument("src", help="HF checkpoint directory (hub, transformers5 or original key layout) or a hub id")
-    p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("dst", help="output directory: must not exist unless --overwrite, and may not be, contain or lie "
+                   "inside the source")
     p.add_argument(
         "--dtype",
         choices=["bfloat16", "float32"],
@@ -175,11 +178,17 @@ def _add_convert(sub) -> None:
         help="device mesh like 'data=2,expert=4,tensor=1': checked against the model before converting, "
         "and used by --verify",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists (only once the new output is complete)")
     p.add_argument(
         "--allow-pickle",
         action="store_true",
         help="accept pickled .bin/.pt checkpoints (read with torch.load(weights_only=True))",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert tensors holding NaN or infinite values (each is named in a warning); without it they fail",
     )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) when SRC is a hub id")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -194,7 +203,8 @@ def _add_export(sub) -> None:
         "config.json in the chosen dialect and the tokenizer files, loadable by transformers.",
     )
     p.add_argument("src", help="a directory written by `aria-jax convert`")
-    p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("dst", help="output directory: must not exist unless --overwrite, and may not be, contain or lie "
+                   "inside the source")
     p.add_argument(
         "--layout",
         choices=["hub", "transformers5"],
@@ -203,7 +213,8 @@ def _add_export(sub) -> None:
         "(rope_parameters)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists (only once the new output is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 
@@ -234,14 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # `aria-jax plan` re-runs itself in a fresh process when JAX already started with too few devices
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"aria-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # InputError (every bad file, key or value) and the argument checks
+        return fail(args.command, one_line(e))
+    except OSError as e:  # the file system: a missing or unreadable input, a read-only or full destination, ...
+        return fail(args.command, os_error_line(e))
     except VerifyError as e:
         print(f"aria-jax {args.command}: verify failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def fail(command: str, line: str) -> int:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"aria-jax {command}: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

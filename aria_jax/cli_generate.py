@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 from typing import TextIO
+
+from aria_jax.errors import ImageError, InputError
+from aria_jax.processor import ChatTemplateError, ChatTemplateRejected
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,8 +49,15 @@ def add_parsers(sub) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    """Sampling options from the flags, every value checked before the (slow) load."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # NaN fails too
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sample = args.temperature > 0
     return dict(
         max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else 1.0,
@@ -121,7 +132,7 @@ def cmd_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
             path = line[len("/image"):].strip()
             try:
                 pending.extend(_load_images([path]))
-            except (ValueError, OSError) as e:
+            except ImageError as e:  # a missing, corrupt or oversized file: say so, the session goes on
                 print(f"error: {e}", file=out)
                 continue
             print(f"(image attached: {path})", file=out)
@@ -136,6 +147,12 @@ def cmd_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
                                     split_image=args.split_image or None, **options):
                 reply += piece
                 print(piece, end="", file=out, flush=True)
+        except ChatTemplateError as e:
+            if not isinstance(e, ChatTemplateRejected):
+                raise  # the checkpoint's template is broken for every message: exit 2
+            messages.pop()  # the template refused this conversation (e.g. its roles): the user can go on
+            print(f"error: {e}", file=out)
+            continue
         except ValueError as e:  # e.g. the conversation outgrew the context: say so and let the user /reset
             messages.pop()
             print(f"error: {e}", file=out)

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
+
+from aria_jax.errors import InputError
+from aria_jax.files import read_json
 
 TEXT_MODEL_TYPES = ("aria_text", "aria_moe_lm")
 VISION_MODEL_TYPES = ("idefics3_vision", "aria_vision_model", "siglip_vision_model", "idefics2_vision")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config.json value that is missing, malformed or contradicts another one."""
 
 
@@ -134,11 +138,7 @@ class AriaConfig:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: no config.json found")
-        try:
-            with open(file, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from None
+        raw = read_json(file, ConfigError)
         try:
             return cls.from_dict(raw)
         except ConfigError as e:
@@ -157,10 +157,13 @@ class AriaConfig:
         if not isinstance(p2q, dict):
             raise ConfigError("projector_patch_to_query_dict must be an object")
         try:
-            pairs = tuple(sorted((int(k), int(v)) for k, v in p2q.items()))
-        except (TypeError, ValueError):
-            raise ConfigError(f"projector_patch_to_query_dict has non-integer entries: {p2q}") from None
+            pairs = tuple(sorted((int(k), _as_int(v, "")) for k, v in p2q.items()))
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"projector_patch_to_query_dict has non-integer entries: {_short(p2q)}") from None
+        if any(p <= 0 or q <= 0 for p, q in pairs):
+            raise ConfigError(f"projector_patch_to_query_dict entries must be positive: {_short(p2q)}")
         image_token = _pick(raw, "image_token_index", "image_token_id", default=9, scope="")
+        image_token = _as_int(image_token, "image_token_index")
         feature_layer = raw.get("vision_feature_layer", -1)
         if not isinstance(feature_layer, int):
             raise ConfigError(f"vision_feature_layer must be one integer, got {feature_layer!r}")
@@ -169,7 +172,7 @@ class AriaConfig:
             text=text,
             vision=vision,
             projector_patch_to_query=pairs,
-            image_token_id=int(image_token),
+            image_token_id=image_token,
             vision_feature_layer=feature_layer,
             dtype=dtype if isinstance(dtype, str) else None,
         )
@@ -254,8 +257,29 @@ def _pick(d: dict, *keys: str, default: Any = dataclasses.MISSING, scope: str) -
 
 def _as_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{key} must be an integer, got {_short(value)}")
     return value
+
+
+def _as_positive_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigError(f"{key} must be a finite positive number, got {_short(value)}")
+    return float(value)
+
+
+def _token_ids(value: Any, key: str) -> int | tuple[int, ...] | None:
+    """A token id, a list of them (eos), or null."""
+    ids = value if isinstance(value, list) else [value]
+    if value is None:
+        return None
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{key} must be a token id (an integer >= 0) or a list of them, got {_short(value)}")
+    return tuple(ids) if isinstance(value, list) else value
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 64 else "a huge integer"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _rope_theta(tc: dict) -> float:
@@ -269,8 +293,9 @@ def _rope_theta(tc: dict) -> float:
             raise ConfigError(
                 f"text_config.rope_parameters.rope_type '{params['rope_type']}' is not supported (Aria uses 'default')"
             )
-        theta = params.get("rope_theta", legacy if legacy is not None else 10000.0)
-        if legacy is not None and float(legacy) != float(theta):
+        theta = _as_positive_float(params.get("rope_theta", legacy if legacy is not None else 10000.0),
+                                   "text_config.rope_parameters.rope_theta")
+        if legacy is not None and _as_positive_float(legacy, "text_config.rope_theta") != theta:
             raise ConfigError(
                 f"contradictory values: text_config.rope_theta={legacy!r}, "
                 f"text_config.rope_parameters.rope_theta={theta!r}"
@@ -281,9 +306,7 @@ def _rope_theta(tc: dict) -> float:
         kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
         if kind not in (None, "default"):
             raise ConfigError(f"text_config.rope_scaling {scaling!r} is not supported (Aria uses no rope scaling)")
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise ConfigError(f"text_config.rope_theta must be a positive number, got {theta!r}")
-    return float(theta)
+    return _as_positive_float(theta, "text_config.rope_theta")
 
 
 def _text_from_dict(tc: dict) -> AriaTextConfig:
@@ -309,12 +332,11 @@ def _text_from_dict(tc: dict) -> AriaTextConfig:
     kv_heads = _as_int(_pick(tc, "num_key_value_heads", default=heads, scope=s), f"{s}.num_key_value_heads")
     head_dim = tc.get("head_dim")
     if head_dim is None:
+        if heads <= 0:
+            raise ConfigError(f"{s}.num_attention_heads must be a positive number, got {heads}")
         if hidden % heads:
             raise ConfigError(f"{s}.hidden_size ({hidden}) is not a multiple of {s}.num_attention_heads ({heads})")
         head_dim = hidden // heads
-    eos = tc.get("eos_token_id", 2)
-    if isinstance(eos, list):
-        eos = tuple(eos)
     return AriaTextConfig(
         vocab_size=_as_int(_pick(tc, "vocab_size", scope=s), f"{s}.vocab_size"),
         hidden_size=hidden,
@@ -323,15 +345,15 @@ def _text_from_dict(tc: dict) -> AriaTextConfig:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=_as_int(head_dim, f"{s}.head_dim"),
-        rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_as_positive_float(tc.get("rms_norm_eps", 1e-6), f"{s}.rms_norm_eps"),
         rope_theta=_rope_theta(tc),
         max_position_embeddings=_as_int(tc.get("max_position_embeddings", 2048), f"{s}.max_position_embeddings"),
         moe_num_experts=_as_int(_pick(tc, "moe_num_experts", scope=s), f"{s}.moe_num_experts"),
         moe_topk=_as_int(_pick(tc, "moe_topk", "num_experts_per_tok", scope=s), f"{s}.moe_topk"),
         moe_num_shared_experts=_as_int(tc.get("moe_num_shared_experts", 2), f"{s}.moe_num_shared_experts"),
-        pad_token_id=tc.get("pad_token_id", 2),
-        bos_token_id=tc.get("bos_token_id", 1),
-        eos_token_id=eos,
+        pad_token_id=_token_ids(tc.get("pad_token_id", 2), f"{s}.pad_token_id"),
+        bos_token_id=_token_ids(tc.get("bos_token_id", 1), f"{s}.bos_token_id"),
+        eos_token_id=_token_ids(tc.get("eos_token_id", 2), f"{s}.eos_token_id"),
     )
 
 
@@ -353,7 +375,7 @@ def _vision_from_dict(vc: dict) -> AriaVisionConfig:
         if field.name == "image_size" and value is None:
             raise ConfigError(f"missing key '{s}.image_size'")
         if field.name == "layer_norm_eps":
-            values[field.name] = float(value)
+            values[field.name] = _as_positive_float(value, f"{s}.layer_norm_eps")
         else:
             values[field.name] = _as_int(value, f"{s}.{field.name}")
     return AriaVisionConfig(**values)

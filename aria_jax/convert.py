@@ -1,20 +1,20 @@
 """``aria-jax convert``: an HF Aria checkpoint (any key layout, or a hub id) -> a converted Orbax directory.
 
 Everything that can be checked from file headers (layout, names, shapes, dtypes) is checked before a byte
-is written. Tensors are then streamed in file order, one at a time, transformed and cast on the host and
-written straight into the Orbax checkpoint. All output goes to a temporary directory beside DST that is
-renamed at the end, so a failure leaves nothing behind.
+is written. Tensors are then streamed in file order, one at a time, scanned for NaN / infinity, transformed and
+cast on the host and written straight into the Orbax checkpoint. All output goes to a temporary directory beside
+DST that is renamed at the end (``files.staged_directory``), so a failure leaves nothing behind, and DST may never
+overlap SRC.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -22,13 +22,20 @@ import numpy as np
 
 from aria_jax.checkpoint import ParamWriter
 from aria_jax.config import AriaConfig
+from aria_jax.files import HUB_PATTERNS, refuse_overlap, resolve_model, staged_directory
 from aria_jax.param_specs import declared_params
-from aria_jax.safetensors_io import DTYPES, CheckpointError, SafetensorsFile, index_tensors, open_checkpoint
+from aria_jax.safetensors_io import (
+    DTYPES,
+    CheckpointError,
+    SafetensorsFile,
+    count_nonfinite,
+    index_tensors,
+    open_checkpoint,
+)
 from aria_jax.weights import Item, plan_tensors
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json")
 TOKENIZER_FILES = ("*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 PICKLES = (".bin", ".pt", ".pth")
 
 
@@ -115,55 +122,6 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     return copied
 
 
-def resolve_source(src: str, revision: str | None = None, allow_pickle: bool = False) -> str:
-    """A local directory as is; a hub id downloaded (only the files needed) with huggingface_hub."""
-    if os.path.isdir(src):
-        return src
-    if os.path.exists(src) or src.count("/") != 1 or src.startswith((".", "/")):
-        raise FileNotFoundError(f"{src}: not a model directory (and not a hub id like 'rhymes-ai/Aria')")
-    from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE: then only the local cache is used
-
-    patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
-    try:
-        return snapshot_download(src, revision=revision, allow_patterns=patterns)
-    except Exception as e:  # offline, unknown repo or revision, HTTP errors: one line, not a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise FileNotFoundError(f"{src}: cannot fetch from the hub ({type(e).__name__}: {first})") from None
-
-
-@contextlib.contextmanager
-def staged_directory(dst: str, overwrite: bool) -> Iterator[str]:
-    """A temporary directory beside ``dst``, renamed to ``dst`` on success and removed on any failure."""
-    dst = os.path.abspath(dst)
-    if os.path.lexists(dst) and not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass --overwrite to replace it")
-    parent = os.path.dirname(dst)
-    created = []  # parent directories made here, removed again on failure
-    probe = parent
-    while not os.path.isdir(probe):
-        created.append(probe)
-        probe = os.path.dirname(probe)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for directory in created:
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-        raise
-    if os.path.lexists(dst):
-        old = os.path.join(parent, f".{os.path.basename(dst)}.old-{os.getpid()}")
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
-    else:
-        os.rename(tmp, dst)
-
-
 def progress_bar(total: int, desc: str, enabled: bool = True):
     """A tqdm bar in bytes (with bytes/s) on process 0 only."""
     from tqdm.auto import tqdm
@@ -190,23 +148,36 @@ def _file_copy(item: Item, writer: ParamWriter) -> tuple[str, int, int] | None:
     return (item.file.path, *item.file.byte_range(item.key))
 
 
-def write_params(items: list[Item], writer: ParamWriter, progress: bool = True) -> int:
+def write_params(items: list[Item], writer: ParamWriter, progress: bool = True, allow_nonfinite: bool = False) -> int:
     """Stream every item's tensor through its transforms into ``writer``; returns the bytes read.
 
-    Tensors stored unchanged are copied file to file by the writer's threads (never read into memory). For the
+    Tensors stored unchanged are copied file to file by the writer's threads (never held in memory). For the
     others three stages overlap: a thread reads the next tensor (file I/O releases the GIL) while this one
     transforms the current tensor and the writer's threads write (or copy) the previous one. Host memory holds
     those three at most.
+
+    The reading thread also counts each tensor's NaN and infinite values (for copied tensors in blocks, ~10 GB/s)
+    before it is written: a tensor with any fails (``CheckpointError`` naming it) unless ``allow_nonfinite``, which
+    warns once per tensor instead.
     """
     total = sum(item.nbytes for item in items)
+
+    def load(i: int) -> tuple[np.ndarray | None, int]:
+        item = items[i]
+        if copies[i]:
+            return None, item.file.count_nonfinite(item.key)
+        raw = item.file.read(item.key)
+        return raw, count_nonfinite(raw)
+
     try:
         with progress_bar(total, "convert", progress) as bar, ThreadPoolExecutor(1, "aria-read") as reader:
             copies = [_file_copy(item, writer) for item in items]
-            load = lambda i: None if copies[i] else items[i].file.read(items[i].key)  # noqa: E731
             ahead = reader.submit(load, 0) if items else None
             for i, item in enumerate(items):
-                raw = ahead.result()
+                raw, nonfinite = ahead.result()
                 ahead = reader.submit(load, i + 1) if i + 1 < len(items) else None
+                if nonfinite:
+                    _nonfinite(item, nonfinite, allow_nonfinite)
                 if copies[i]:
                     writer.copy_file(item.targets[0].path, item.targets[0].layer, *copies[i])
                 for target in item.targets if raw is not None else ():
@@ -220,6 +191,13 @@ def write_params(items: list[Item], writer: ParamWriter, progress: bool = True) 
     return total
 
 
+def _nonfinite(item: Item, count: int, allowed: bool) -> None:
+    where = f"{item.file.path}: tensor '{item.key}' has {count:,} NaN or infinite value(s)"
+    if not allowed:
+        raise CheckpointError(f"{where}; pass --allow-nonfinite to convert it anyway")
+    print(f"aria-jax convert: warning: {where} (converted as they are: --allow-nonfinite)", file=sys.stderr)
+
+
 def convert(
     src: str,
     dst: str,
@@ -230,13 +208,19 @@ def convert(
     mesh: str | None = None,
     verify: bool = False,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> dict:
-    """Convert ``src`` (an HF directory in any key layout, or a hub id) into ``dst``; returns a summary dict."""
+    """Convert ``src`` (an HF directory in any key layout, or a hub id) into ``dst``; returns a summary dict.
+
+    ``dst`` may not be ``src``, contain it or lie inside it (refused before anything is read or written).
+    """
     from aria_jax.api import resolve_dtype
 
+    if os.path.isdir(src):
+        refuse_overlap(src, dst)
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{os.path.abspath(dst)}: already exists; pass --overwrite to replace it")
-    path = resolve_source(src, revision, allow_pickle)
+    path = resolve_model(src, revision, HUB_PATTERNS + (("*.bin",) if allow_pickle else ()))
     cfg = AriaConfig.from_pretrained(path)
     target_dtype = resolve_dtype(dtype, cfg)
     if mesh is not None:
@@ -246,14 +230,14 @@ def convert(
     tensors = open_source(path, allow_pickle)
     layout, items = plan_tensors(tensors, cfg, path)  # every name, shape and dtype checked before writing
     summary = {"source": path, "layout": layout, "dtype": target_dtype.name, "tensors": len(items)}
-    with staged_directory(dst, overwrite) as tmp:
+    with staged_directory(dst, overwrite, sources=[path]) as tmp:
         out_cfg = dataclasses.replace(cfg, dtype=target_dtype.name)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(out_cfg.to_dict(), f, indent=2)
         summary["copied"] = copy_tokenizer_files(path, tmp)
         # The parameter layout from the config's table, not from tracing the model (a second in a fresh process).
         writer = ParamWriter(tmp, *declared_params(cfg, target_dtype), target_dtype)
-        summary["bytes"] = write_params(items, writer, progress)
+        summary["bytes"] = write_params(items, writer, progress, allow_nonfinite)
         if verify:
             from aria_jax.verify import verify_conversion
 

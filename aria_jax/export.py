@@ -16,9 +16,12 @@ from collections.abc import Iterator
 import numpy as np
 import tensorstore as ts
 
-from aria_jax.checkpoint import PARAMS_DIR, is_converted, stored_params
+from aria_jax.checkpoint import PARAMS_DIR, check_stored, is_converted
 from aria_jax.config import AriaConfig
-from aria_jax.convert import copy_tokenizer_files, progress_bar, staged_directory
+from aria_jax.convert import copy_tokenizer_files, progress_bar
+from aria_jax.errors import one_line
+from aria_jax.files import refuse_overlap, staged_directory
+from aria_jax.param_specs import declared_params
 from aria_jax.safetensors_io import CheckpointError, write_safetensors
 from aria_jax.weights import Target, from_hub_name, tensor_specs
 
@@ -71,11 +74,15 @@ class ParamReader:
         self._arrays: dict[tuple[str, ...], ts.TensorStore] = {}
 
     def read(self, path: tuple[str, ...], layer: int | None) -> np.ndarray:
-        if path not in self._arrays:
-            spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.root, ".".join(path))}}
-            self._arrays[path] = ts.open(spec, open=True, read=True).result()
-        array = self._arrays[path]
-        return (array if layer is None else array[layer]).read().result()
+        name = ".".join(path)
+        try:
+            if path not in self._arrays:
+                spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(self.root, name)}}
+                self._arrays[path] = ts.open(spec, open=True, read=True).result()
+            array = self._arrays[path]
+            return (array if layer is None else array[layer]).read().result()
+        except ValueError as e:  # tensorstore's error for unreadable or damaged chunks
+            raise CheckpointError(f"{self.root}: parameter '{name}': cannot read ({one_line(e)})") from None
 
 
 def rebuild(reader: ParamReader, targets: list[Target], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -101,10 +108,13 @@ def export(
     max_bytes = parse_size(max_shard_size)
     if not os.path.isdir(src) or not is_converted(src):
         raise CheckpointError(f"{src}: not a directory written by `aria-jax convert` (no {PARAMS_DIR}/_METADATA)")
+    refuse_overlap(src, dst)
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{os.path.abspath(dst)}: already exists; pass --overwrite to replace it")
     cfg = AriaConfig.from_pretrained(src)
-    dtypes = {dtype for _, dtype in stored_params(src).values()}
+    # names, shapes and every chunk file (a missing chunk would read as zeros) checked before anything is written
+    stored = check_stored(src, declared_params(cfg, np.float32)[0])
+    dtypes = {array.dtype for array in stored.values()}
     if len(dtypes) != 1:
         raise CheckpointError(f"{src}: parameters in several dtypes ({sorted(map(str, dtypes))})")
     dtype = dtypes.pop()
@@ -125,7 +135,7 @@ def export(
             bar.update(array.nbytes)
             yield array
 
-    with staged_directory(dst, overwrite) as tmp:
+    with staged_directory(dst, overwrite, sources=[src]) as tmp:
         with progress_bar(total, "export", progress) as bar:
             for file, shard in zip(names, shards, strict=True):
                 renamed = [(from_hub_name(n, layout), d, s) for n, d, s in shard]

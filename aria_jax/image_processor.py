@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from aria_jax.errors import ImageError, InputError, one_line
 
 DEFAULT_SPLIT_RATIOS: tuple[tuple[int, int], ...] = (
     (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 4), (2, 3), (2, 2),
@@ -35,8 +39,8 @@ ImageLike = Image.Image | np.ndarray | str | os.PathLike
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file the way transformers' ``load_image`` does (EXIF transpose, then ``convert("RGB")``).
 
-    Unreadable or corrupt files raise ValueError naming the file. Pillow's decompression-bomb guard stays on, so
-    oversized images raise ``PIL.Image.DecompressionBombError``.
+    Every failure (missing, empty, truncated or corrupt file, not an image, more than twice the pixels of Pillow's
+    decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``) raises ``ImageError`` naming the file.
     """
     name = os.fspath(path)
     try:
@@ -44,22 +48,44 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             image.load()
             image = ImageOps.exif_transpose(image)
             return image.convert("RGB")
-    except Image.DecompressionBombError:
-        raise
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"cannot read image file {name!r}: {e}") from e
+    except _IMAGE_FAILURES as e:
+        raise ImageError(f"{name}: cannot read image ({_reason(e)})") from None
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of the image ``load_image`` would return (EXIF rotation applied), from the header alone."""
+    """(width, height) of the image ``load_image`` would return (EXIF rotation applied), without decoding pixels
+    where the format allows (PNG keeps its EXIF after the pixels, so Pillow decodes those).
+
+    Fails (``ImageError``) on what that shows: no such file, not an image, a decompression bomb, and for formats
+    whose chunks carry checksums (PNG) a truncated or corrupt file (``Image.verify``).
+    """
     name = os.fspath(path)
     try:
         with Image.open(name) as image:
+            image.verify()
+        with Image.open(name) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112)  # ExifTags.Base.Orientation; 5..8 swap the axes
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image file {name!r}: {e}") from e
+    except _IMAGE_FAILURES as e:
+        raise ImageError(f"{name}: cannot read image ({_reason(e)})") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+# Pillow signals a bad file with many types (struct.error and zlib.error from some decoders, EOFError, ...) and a
+# decompression bomb with DecompressionBombError (over 2x MAX_IMAGE_PIXELS; between 1x and 2x it only warns, as in
+# transformers).
+_IMAGE_FAILURES = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
+                   zlib.error, MemoryError, Image.DecompressionBombError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too many pixels, over twice Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} (a decompression bomb?)"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return one_line(exc)
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -179,6 +205,29 @@ def split_original(
     return crops
 
 
+def _check_config(values: dict[str, Any]) -> None:
+    """``preprocessor_config.json`` values of the right types and ranges; else ``InputError`` naming the key."""
+    number = lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    size = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 20  # noqa: E731
+    checks = {
+        "max_image_size": size,
+        "min_image_size": size,
+        "image_mean": lambda v: isinstance(v, list) and len(v) == 3 and all(map(number, v)),
+        "image_std": lambda v: isinstance(v, list) and len(v) == 3 and all(number(x) and x != 0 for x in v),
+        "rescale_factor": number,
+        "split_resolutions": lambda v: isinstance(v, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(map(size, p)) for p in v),
+        "split_image": lambda v: isinstance(v, bool),
+        "resample": lambda v: v in (0, 1, 2, 3, 4, 5) and not isinstance(v, bool),
+        "do_rescale": lambda v: isinstance(v, bool),
+        "do_normalize": lambda v: isinstance(v, bool),
+    }
+    for key, value in values.items():
+        if not checks[key](value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise InputError(f"'{key}' has an unusable value {shown}")
+
+
 class AriaImageProcessor:
     """numpy/Pillow port of transformers' ``AriaImageProcessorPil`` (plus the original Aria split).
 
@@ -220,7 +269,9 @@ class AriaImageProcessor:
             "max_image_size", "min_image_size", "image_mean", "image_std", "rescale_factor",
             "split_resolutions", "split_image", "resample", "do_rescale", "do_normalize",
         )  # fmt: skip
-        return cls(**{k: config[k] for k in keys if config.get(k) is not None})
+        values = {k: config[k] for k in keys if config.get(k) is not None}
+        _check_config(values)
+        return cls(**values)
 
     def crops(
         self, image: ImageLike, max_image_size: int, split_image: bool, split_mode: str = "hf"

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -53,6 +52,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from aria_jax.config import PRESETS, AriaConfig
+from aria_jax.errors import InputError
+from aria_jax.files import check_writable_file, resolve_model, write_json_atomic
 from aria_jax.sharding import parse_mesh_spec, partition_spec
 
 CHILD_ENV = "ARIA_JAX_PLAN_CHILD"
@@ -60,7 +61,7 @@ GIB = 2**30
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """Bad input to the planner (exit status 2)."""
 
 
@@ -85,9 +86,7 @@ def ensure_cpu_devices(n: int) -> bool:
 def load_config(model: str) -> AriaConfig:
     if model in PRESETS:
         return AriaConfig.preset(model)
-    from aria_jax.api import resolve_path
-
-    return AriaConfig.from_pretrained(resolve_path(model))
+    return AriaConfig.from_pretrained(resolve_model(model))
 
 
 # -- shapes, shardings and the analytic estimate ---------------------------------------------------------------
@@ -427,6 +426,8 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
 def cmd_plan(args) -> int:
     needed = math.prod(parse_mesh_spec(args.mesh).values())  # MeshError (exit 2) before anything heavy
     parse_bytes(args.hbm)
+    if args.json:
+        check_writable_file(args.json, PlanError)  # not after a minute of compiling
     if not ensure_cpu_devices(needed):
         if os.environ.get(CHILD_ENV):
             raise PlanError(f"mesh '{args.mesh}' needs {needed} CPU devices but JAX started with "
@@ -436,8 +437,7 @@ def cmd_plan(args) -> int:
     lines, report, fits = run_plan(args)
     print("\n".join(lines))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json_atomic(args.json, report, indent=1)
     return 0 if fits else 1
 
 

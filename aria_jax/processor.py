@@ -10,11 +10,13 @@ rendered with jinja2 in the sandboxed environment transformers uses (``trim_bloc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import operator
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,19 +28,28 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, processors
 
+from aria_jax.errors import InputError, one_line
+from aria_jax.files import read_json
 from aria_jax.image_processor import AriaImageProcessor
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+class ChatTemplateError(InputError):
+    """A chat template that does not compile, or that breaks the sandbox's rules while rendering."""
+
+
+class ChatTemplateRejected(ChatTemplateError):
+    """The template itself refused the conversation (its ``raise_exception``, e.g. roles that do not alternate)."""
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    content = read_json(path)
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return content
 
 
 def _token_str(value: Any) -> str | None:
@@ -79,8 +90,12 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes, got {name!r}")
 
 
+class _TemplateRaised(jinja2.exceptions.TemplateError):
+    """What a template's ``raise_exception(message)`` raises."""
+
+
 def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
+    raise _TemplateRaised(message)
 
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
@@ -99,6 +114,18 @@ def compile_chat_template(template: str) -> jinja2.Template:
     env.globals["dict"] = dict
     env.globals["namespace"] = _TemplateNamespace
     return env.from_string(template)
+
+
+def checked_template(template: Any, origin: str) -> jinja2.Template:
+    """``compile_chat_template``, with a template that is not a string or does not parse as ``ChatTemplateError``."""
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"{origin}: a chat template must be a string, got {type(template).__name__}")
+    try:
+        return compile_chat_template(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{origin}: chat template syntax error at line {e.lineno}: {e.message}") from None
+    except (jinja2.exceptions.TemplateError, RecursionError, ValueError) as e:
+        raise ChatTemplateError(f"{origin}: cannot compile the chat template ({one_line(e)})") from None
 
 
 def _plain(value: Any) -> Any:
@@ -159,6 +186,53 @@ def _flatten_images(images: Any) -> list[Any]:
     return flat
 
 
+@contextlib.contextmanager
+def _values_of(*files: Path) -> Iterator[None]:
+    """Values read from ``files`` that have the wrong type or range become one ``InputError`` naming them."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:  # wrong types or values (TypeError, KeyError, ...; the tokenizers library's Exception)
+        names = " / ".join(str(f) for f in files)
+        raise InputError(f"{names}: unusable value ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _add_special_tokens(tokenizer: Tokenizer, tok_cfg: dict, special_map: dict) -> tuple[dict, str]:
+    """The named special tokens and the image token, added to ``tokenizer`` where missing, as transformers does
+    (the special-tokens map wins over tokenizer_config.json); the post-processor rebuilt for add_bos/eos_token."""
+    merged = {**tok_cfg, **special_map}
+    extra = merged.get("extra_special_tokens") or merged.get("model_specific_special_tokens") or {}
+    extra = extra if isinstance(extra, dict) else {}
+    special = {k: _token_str(merged.get(k)) for k in _NAMED_SPECIAL}
+    image_token = _token_str(merged.get("image_token")) or _token_str(extra.get("image_token")) or "<|img|>"
+
+    # tokens transformers adds when missing: added_tokens_decoder entries, named and extra special tokens
+    have = set(tokenizer.get_vocab(with_added_tokens=True))
+    for entry in (tok_cfg.get("added_tokens_decoder") or {}).values():
+        if entry.get("content") and entry["content"] not in have:
+            props = {k: entry[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry}
+            tokenizer.add_tokens([AddedToken(entry["content"], **props)])
+    wanted = [t for t in special.values() if t] + [image_token]
+    wanted += [_token_str(v) for v in extra.values()]
+    have = set(tokenizer.get_vocab(with_added_tokens=True))
+    missing = [t for t in dict.fromkeys(wanted) if t and t not in have]
+    if missing:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+
+    # transformers rebuilds the post-processor when add_bos/eos_token are explicit or there is none
+    if "add_bos_token" in tok_cfg or "add_eos_token" in tok_cfg or tokenizer.post_processor is None:
+        add_bos = bool(tok_cfg.get("add_bos_token", False)) and special["bos_token"] is not None
+        add_eos = bool(tok_cfg.get("add_eos_token", False)) and special["eos_token"] is not None
+        bos, eos = special["bos_token"], special["eos_token"]
+        single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
+        pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+        pairs = [(bos, tokenizer.token_to_id(bos))] if add_bos else []
+        pairs += [(eos, tokenizer.token_to_id(eos))] if add_eos else []
+        tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=pairs)
+    return special, image_token
+
+
 class AriaProcessor:
     """Aria text + image preprocessing with transformers' semantics, returning numpy arrays."""
 
@@ -172,10 +246,12 @@ class AriaProcessor:
         image_token: str = "<|img|>",
         clean_up_tokenization_spaces: bool = False,
         vocab_size: int | None = None,
+        chat_template_origin: str = "chat template",
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor or AriaImageProcessor()
         self.chat_template = chat_template
+        self.chat_template_origin = chat_template_origin  # the file it came from, for error messages
         self.size_conversion = None if size_conversion is None else {int(k): int(v) for k, v in size_conversion.items()}
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         if self.special_tokens.get("pad_token") is None and self.special_tokens.get("unk_token") is not None:
@@ -191,70 +267,64 @@ class AriaProcessor:
         """Load from a directory with tokenizer.json (+ configs, chat template, processor/preprocessor configs)."""
         root = Path(path)
         if not (root / "tokenizer.json").is_file():
-            raise ValueError(f"no tokenizer.json in {str(root)!r}")
+            raise InputError(f"no tokenizer.json in {str(root)!r}")
         try:
             tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
-            raise ValueError(f"cannot read {str(root / 'tokenizer.json')!r}: {e}") from e
+            raise InputError(f"{root / 'tokenizer.json'}: cannot read ({one_line(e)})") from None
         tokenizer.no_padding()
         tokenizer.no_truncation()
         tok_cfg = _read_json(root / "tokenizer_config.json")
-        merged = {**tok_cfg, **_read_json(root / "special_tokens_map.json")}
-        extra = merged.get("extra_special_tokens") or merged.get("model_specific_special_tokens") or {}
-        extra = extra if isinstance(extra, dict) else {}
-        special = {k: _token_str(merged.get(k)) for k in _NAMED_SPECIAL}
-        image_token = _token_str(merged.get("image_token")) or _token_str(extra.get("image_token")) or "<|img|>"
-
-        # tokens transformers adds when missing: added_tokens_decoder entries, named and extra special tokens
-        have = set(tokenizer.get_vocab(with_added_tokens=True))
-        for entry in (tok_cfg.get("added_tokens_decoder") or {}).values():
-            if entry.get("content") and entry["content"] not in have:
-                props = {
-                    k: entry[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry
-                }
-                tokenizer.add_tokens([AddedToken(entry["content"], **props)])
-        wanted = [t for t in special.values() if t] + [image_token]
-        wanted += [_token_str(v) for v in extra.values()] if isinstance(extra, dict) else []
-        have = set(tokenizer.get_vocab(with_added_tokens=True))
-        missing = [t for t in dict.fromkeys(wanted) if t and t not in have]
-        if missing:
-            tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-
-        # transformers rebuilds the post-processor when add_bos/eos_token are explicit or there is none
-        if "add_bos_token" in tok_cfg or "add_eos_token" in tok_cfg or tokenizer.post_processor is None:
-            add_bos = bool(tok_cfg.get("add_bos_token", False)) and special["bos_token"] is not None
-            add_eos = bool(tok_cfg.get("add_eos_token", False)) and special["eos_token"] is not None
-            bos, eos = special["bos_token"], special["eos_token"]
-            single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
-            pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-            pairs = [(bos, tokenizer.token_to_id(bos))] if add_bos else []
-            pairs += [(eos, tokenizer.token_to_id(eos))] if add_eos else []
-            tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=pairs)
+        with _values_of(root / "tokenizer_config.json", root / "special_tokens_map.json"):
+            special, image_token = _add_special_tokens(tokenizer, tok_cfg, _read_json(root / "special_tokens_map.json"))
 
         proc_cfg = _read_json(root / "processor_config.json")
         model_cfg = _read_json(root / "config.json")
-        size_conversion = proc_cfg.get("size_conversion")
-        if size_conversion is None and model_cfg.get("projector_patch_to_query_dict"):
-            patch = int((model_cfg.get("vision_config") or {}).get("patch_size", 14))
-            by_patches = {int(k): int(v) for k, v in model_cfg["projector_patch_to_query_dict"].items()}
-            size_conversion = {s: by_patches[(s // patch) ** 2] for s in (490, 980) if (s // patch) ** 2 in by_patches}
-        vocab_size = (model_cfg.get("text_config") or {}).get("vocab_size") or model_cfg.get("vocab_size")
+        with _values_of(root / "processor_config.json", root / "config.json"):
+            size_conversion = proc_cfg.get("size_conversion")
+            if size_conversion is None and model_cfg.get("projector_patch_to_query_dict"):
+                patch = int((model_cfg.get("vision_config") or {}).get("patch_size", 14))
+                by_patches = {int(k): int(v) for k, v in model_cfg["projector_patch_to_query_dict"].items()}
+                size_conversion = {
+                    s: by_patches[(s // patch) ** 2] for s in (490, 980) if (s // patch) ** 2 in by_patches
+                }
+            if size_conversion is not None:
+                size_conversion = {int(k): int(v) for k, v in size_conversion.items()}
+            vocab_size = (model_cfg.get("text_config") or {}).get("vocab_size") or model_cfg.get("vocab_size")
+            vocab_size = None if vocab_size is None else operator.index(vocab_size)
 
-        chat_template = proc_cfg.get("chat_template")
+        chat_template, origin = proc_cfg.get("chat_template"), root / "processor_config.json"
         if chat_template is None and (root / "chat_template.json").is_file():
-            chat_template = _read_json(root / "chat_template.json").get("chat_template")
+            origin = root / "chat_template.json"
+            chat_template = _read_json(origin).get("chat_template")
         if chat_template is None and (root / "chat_template.jinja").is_file():
-            chat_template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+            origin = root / "chat_template.jinja"
+            try:
+                chat_template = origin.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ChatTemplateError(f"{origin}: cannot read ({one_line(e)})") from None
         if chat_template is None:
-            chat_template = tok_cfg.get("chat_template")
+            chat_template, origin = tok_cfg.get("chat_template"), root / "tokenizer_config.json"
         if isinstance(chat_template, list):  # tokenizer_config's named-template list
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t
+                       for t in chat_template):
+                raise ChatTemplateError(f"{origin}: chat_template must be a string or a list of "
+                                        "{name, template} objects")
             chat_template = {t["name"]: t["template"] for t in chat_template}
+        for template in chat_template.values() if isinstance(chat_template, dict) else [chat_template]:
+            if template is not None:
+                checked_template(template, str(origin))  # a syntax error fails on load, not at the first message
 
         image_cfg = _read_json(root / "preprocessor_config.json")
+        try:
+            image_processor = AriaImageProcessor.from_dict(image_cfg)
+        except InputError as e:
+            raise InputError(f"{root / 'preprocessor_config.json'}: {e}") from None
         return cls(
             tokenizer,
-            AriaImageProcessor.from_dict(image_cfg),
+            image_processor,
             chat_template=chat_template,
+            chat_template_origin=str(origin),
             size_conversion=size_conversion,
             special_tokens=special,
             image_token=image_token,
@@ -308,6 +378,7 @@ class AriaProcessor:
     ) -> str | list[str]:
         """Render ``messages`` (or a batch of conversations) to text, as transformers' ``apply_chat_template``."""
         template = chat_template if chat_template is not None else self.chat_template
+        origin = "chat template" if chat_template is not None else self.chat_template_origin
         if isinstance(template, dict):
             if chat_template is None and "default" not in template:
                 raise ValueError(f"several chat templates and none named 'default': {sorted(template)}")
@@ -318,25 +389,37 @@ class AriaProcessor:
             raise ValueError("this processor has no chat template")
         batched = bool(messages) and (isinstance(messages[0], (list, tuple)) or hasattr(messages[0], "messages"))
         conversations = messages if batched else [messages]
-        compiled = compile_chat_template(template)
+        compiled = checked_template(template, origin)
         context = _plain({**{k: v for k, v in self.special_tokens.items() if k in _NAMED_SPECIAL}, **kwargs})
         rendered = []
         for conversation in conversations:
             chat = _normalize_messages(getattr(conversation, "messages", conversation))
-            rendered.append(
-                compiled.render(
+            try:
+                rendered.append(compiled.render(
                     messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **context
-                )
-            )
+                ))
+            except _TemplateRaised as e:
+                raise ChatTemplateRejected(f"{origin}: the template refuses this conversation: {one_line(e)}") from None
+            except jinja2.exceptions.SecurityError as e:
+                raise ChatTemplateError(f"{origin}: breaks the template sandbox: {one_line(e)}") from None
+            except (jinja2.exceptions.TemplateError, ArithmeticError, LookupError, TypeError, ValueError,
+                    AttributeError, RecursionError) as e:  # errors of the template's own code while rendering
+                why = f"{type(e).__name__}: {one_line(e)}"
+                raise ChatTemplateError(f"{origin}: the chat template fails while rendering ({why})") from None
         return rendered if batched else rendered[0]
 
     def expand_image_tokens(self, text: str, counts: Iterable[int]) -> str:
-        """Each image placeholder in ``text`` -> as many image tokens as the next of ``counts`` says."""
+        """Each image placeholder in ``text`` -> as many image tokens as the next of ``counts`` says (an iterator may
+        go on to the next text's images); a ValueError when ``counts`` runs out first."""
         counts = iter(counts)
         parts = text.split(self.image_token)
         pieces = [parts[0]]
-        for part in parts[1:]:
-            pieces.append(self.image_token * next(counts))
+        for i, part in enumerate(parts[1:]):
+            count = next(counts, None)
+            if count is None:
+                raise ValueError(f"the text has {len(parts) - 1} {self.image_token} placeholder(s) but only {i} "
+                                 "image(s) were given for it")
+            pieces.append(self.image_token * count)
             pieces.append(part)
         return "".join(pieces)
 
@@ -414,4 +497,4 @@ class AriaProcessor:
         return [self.decode(seq, skip_special_tokens=skip_special_tokens, **kwargs) for seq in sequences]
 
 
-__all__ = ["AriaProcessor", "compile_chat_template"]
+__all__ = ["AriaProcessor", "ChatTemplateError", "ChatTemplateRejected", "compile_chat_template"]

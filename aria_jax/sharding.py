@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from aria_jax.config import AriaConfig
+from aria_jax.errors import InputError
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -34,7 +35,7 @@ _DESCRIBE = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(InputError):
     """A mesh spec that cannot be built, or that does not divide the model's sharded dimensions."""
 
 

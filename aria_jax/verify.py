@@ -100,9 +100,14 @@ def verify_conversion(
     batch = fixed_prompt(cfg)
     ours = np.asarray(Aria.from_pretrained(directory, dtype=dtype, mesh=mesh).forward(**batch), np.float32)
     ref = reference_logits(tensors, layout, cfg, batch, np.dtype(dtype))
+    bad = [int(x.size - np.count_nonzero(np.isfinite(x))) for x in (ours, ref)]
+    if any(bad):
+        raise VerifyError(f"non-finite logits ({bad[0]} of the converted model's, {bad[1]} of transformers'): the "
+                          "weights hold NaN or infinite values")
     result = compare(ours, ref)
-    if dtype.name == "float32" and result["max_rel_err"] > FLOAT32_REL_TOL:
+    # `not x <= tol`, so that a NaN measure (all-zero reference logits) fails too
+    if dtype.name == "float32" and not result["max_rel_err"] <= FLOAT32_REL_TOL:
         raise VerifyError(f"max relative error {result['max_rel_err']:.3g} > {FLOAT32_REL_TOL:g} (float32)")
-    if dtype.name != "float32" and result["kl"] > BFLOAT16_KL_TOL:
+    if dtype.name != "float32" and not result["kl"] <= BFLOAT16_KL_TOL:
         raise VerifyError(f"KL divergence {result['kl']:.3g} > {BFLOAT16_KL_TOL:g} ({dtype.name})")
     return result

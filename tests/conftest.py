@@ -1,14 +1,56 @@
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import hf_models  # noqa: E402
 
 LAYOUTS = ("hub", "transformers5", "original")
+
+# Fuzz tests (hypothesis): the default profile keeps the default run short; `HYPOTHESIS_PROFILE=slow` runs many more
+# examples (README: Test).
+_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("default", max_examples=60, **_FUZZ)
+settings.register_profile("slow", max_examples=2000, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@contextlib.contextmanager
+def tmpfs(path, options: str):
+    """A tmpfs mounted at ``path`` (``ro,size=1m`` read-only, ``size=128k`` tiny, ...) for the block, yielding
+    ``path``; None where mount is not permitted (the tests then fall back to monkeypatching)."""
+    os.makedirs(path, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the main thread if the block runs longer than ``seconds`` (a hang fails the test)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def rel_err(out, ref) -> float:

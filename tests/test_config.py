@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aria_jax import Aria, AriaConfig
 from aria_jax.config import ConfigError
@@ -206,3 +208,29 @@ def test_missing_and_malformed_files(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         AriaConfig.preset("huge")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from([None, "text_config", "vision_config"]), st.integers(0, 30), JSON_VALUES,
+                          st.booleans()), min_size=1, max_size=3))
+def test_mutated_configs_raise_only_config_errors(edits):
+    """Any value of any key (or its removal): a config, or ConfigError. Before: TypeError, ZeroDivisionError,
+    OverflowError for e.g. layer_norm_eps null, num_attention_heads 0, a projector entry of 1e999."""
+    raw = json.loads(json.dumps(REAL_ARIA))
+    for section, index, value, remove in edits:
+        target = raw if section is None else raw[section] if isinstance(raw.get(section), dict) else raw
+        key = sorted(target)[index % len(target)] if target else "x"
+        if remove:
+            target.pop(key, None)
+        else:
+            target[key] = value
+    try:
+        AriaConfig.from_dict(raw)
+    except ConfigError as e:
+        assert "\n" not in str(e)

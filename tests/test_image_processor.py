@@ -5,9 +5,13 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import time_limit
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
-from aria_jax.image_processor import AriaImageProcessor, load_image
+from aria_jax.errors import ImageError
+from aria_jax.image_processor import AriaImageProcessor, image_size, load_image
 
 skimage_data = pytest.importorskip("skimage.data")
 AriaImageProcessorPil = pytest.importorskip("transformers.models.aria.image_processing_pil_aria").AriaImageProcessorPil
@@ -140,13 +144,67 @@ def test_decompression_bomb_guard_stays_on(tmp_path, monkeypatch):
     path = tmp_path / "bomb.png"
     Image.new("L", (400, 400)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # 160000 > 2 * 10000 pixels -> error
-    with pytest.raises(Image.DecompressionBombError):
-        load_image(path)
+    for read in (load_image, image_size):
+        with pytest.raises(ImageError, match=rf"^{path}: cannot read image \(too many pixels, over twice Pillow's"):
+            read(path)
     assert Image.MAX_IMAGE_PIXELS == 100 * 100
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # between 1x and 2x: a warning, as Pillow does
         load_image(path)
+
+
+def test_a_real_decompression_bomb_is_one_error(tmp_path):
+    """A 30000 x 30000 1-bit PNG (110 kB on disk, 900 M pixels): refused from its header, before any decoding.
+    Before: PIL.Image.DecompressionBombError escaped as a traceback."""
+    path = tmp_path / "bomb.png"
+    Image.new("1", (30000, 30000)).save(path)
+    for read in (load_image, image_size):
+        with time_limit(5), pytest.raises(ImageError, match="decompression bomb"):
+            read(path)
+
+
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()[:48, :64]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+ENCODED = {fmt: _encoded(fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")}
+
+
+def _check_image_bytes(tmp_path_factory, data: bytes) -> None:
+    """Either a picture, or ImageError naming the file; nothing else, and never a hang."""
+    path = tmp_path_factory.getbasetemp() / "fuzz.img"
+    path.write_bytes(data)
+    for read in (load_image, image_size):
+        with time_limit(10):
+            try:
+                read(path)
+            except ImageError as e:
+                assert str(e).startswith(f"{path}: cannot read image (") and "\n" not in str(e)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_are_an_image_or_an_image_error(tmp_path_factory, data):
+    _check_image_bytes(tmp_path_factory, data)
+
+
+@given(st.sampled_from(sorted(ENCODED)), st.data())
+def test_mutated_image_files_are_an_image_or_an_image_error(tmp_path_factory, fmt, data):
+    raw = bytearray(ENCODED[fmt])
+    for _ in range(data.draw(st.integers(1, 6))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        kind = data.draw(st.sampled_from(["flip", "byte", "truncate", "insert"]))
+        if kind == "flip":
+            raw[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "byte":
+            raw[at] = data.draw(st.sampled_from([0, 0xFF, 0x7F, 0x80]))
+        elif kind == "truncate":
+            del raw[max(at, 1):]
+        else:
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+    _check_image_bytes(tmp_path_factory, bytes(raw))
 
 
 # ---------------------------------------------------------------- original (training-time) split

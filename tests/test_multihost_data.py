@@ -14,6 +14,7 @@ from aria_jax.image_processor import image_size, load_image
 from aria_jax.model import merge_image_features
 from aria_jax.processor import AriaProcessor
 from aria_jax.training import data as D
+from aria_jax.training import dataset as J
 from aria_jax.training.config import RecipeError
 
 IMAGE_TOKEN = 9
@@ -26,7 +27,7 @@ def processor(chat_dir):
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    return D.read_jsonl(write_dataset(tmp_path_factory.mktemp("ds"), n=8))
+    return J.read_jsonl(write_dataset(tmp_path_factory.mktemp("ds"), n=8))
 
 
 def _jsonl_loader(records, encoder, max_len, batch, index=0, count=1, seed=3):
@@ -70,9 +71,13 @@ def _assert_blocks_make_the_batch(single, blocks, per_image):
 def test_jsonl_process_blocks_partition_the_global_batch(processor, records, count, split_image, cut):
     encoder = D.JsonlEncoder(processor, 490, split_image)
     max_len = 512
-    if cut:  # cut through the two-image samples' last image: they are dropped, on every process alike
+    if cut:  # cut through the two-image samples' last image: they are dropped, on every process alike, and so are
+        # the samples the cut leaves no trained token; two short text-only samples keep some
         ids = encoder(records[2]).input_ids
         max_len = int(np.nonzero(ids == IMAGE_TOKEN)[0].max())
+        short = [J.Record([{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}], [], f"x:{i}")
+                 for i, text in enumerate(["the lazy dog", "a cat"])]
+        records = records + short
     batch = 4
     single = _jsonl_loader(records, encoder, max_len, batch)
     procs = [_jsonl_loader(records, encoder, max_len, batch, p, count) for p in range(count)]
@@ -117,8 +122,9 @@ def test_measure_equals_encode(processor, records):
         encoder = D.JsonlEncoder(processor, 490, split)
         for record in records:
             sample = encoder(record)
-            ids, crops = encoder.measure(record)
+            ids, labels, crops = encoder.measure(record)
             np.testing.assert_array_equal(ids, sample.input_ids)
+            np.testing.assert_array_equal(labels, sample.labels)
             assert crops == (0 if sample.pixel_values is None else len(sample.pixel_values))
 
 

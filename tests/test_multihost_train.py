@@ -13,7 +13,7 @@ import pytest
 from train_helpers import read_metrics, run_train, run_train_processes, write_dataset
 
 FLOATS = ("loss", "lm_loss", "grad_norm", "aux_loss", "z_loss", "learning_rate")
-EXACT = ("step", "epoch", "label_tokens", "tokens", "dropped_samples")
+EXACT = ("step", "epoch", "label_tokens", "tokens", "dropped_samples", "skipped_samples")
 
 
 def _load_export(out):
@@ -74,11 +74,15 @@ def test_two_processes_train_like_one_on_jsonl_with_images_and_drops(tmp_path, c
     late = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello world " * 12}, {"type": "image"}]},
                          {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]}],
             "images": ["images/img0.png"]}  # its image starts past max_seq_length: dropped
+    # and a sample whose image is an empty file: left out before step 0 by every process alike (skip_bad_samples)
+    broken = {**late, "images": ["images/empty.png"]}
+    open(f"{data}/images/empty.png", "wb").close()
     with open(f"{data}/train.jsonl", "a") as f:
-        f.write((json.dumps(late) + "\n") * 3)
+        f.write((json.dumps(late) + "\n") * 3 + json.dumps(broken) + "\n")
     args = [f"model_name_or_path={chat_dir[0]}", f"dataset_mixer={{{data}: 1}}", "max_image_size=490",
             "max_seq_length=32", "per_device_train_batch_size=4", "gradient_accumulation_steps=1",
-            "learning_rate=1e-3", "warmup_ratio=0", "logging_steps=1", *COMMON]
+            "learning_rate=1e-3", "warmup_ratio=0", "logging_steps=1", "skip_bad_samples=true", *COMMON]
     two, one = _run_both(tmp_path, args)
     _compare(two, one)
     assert read_metrics(one)[-1]["dropped_samples"] > 0
+    assert read_metrics(one)[-1]["skipped_samples"] == 1

@@ -1,11 +1,18 @@
 """aria_jax.processor.AriaProcessor against transformers' AriaProcessor (PIL image backend) on the same directory."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from aria_proc_dirs import ARIA_CHAT_TEMPLATE, hf_processor, write_dir
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from aria_jax import AriaProcessor
+from aria_jax.errors import InputError
+from aria_jax.processor import ChatTemplateError, ChatTemplateRejected
 
 skimage_data = pytest.importorskip("skimage.data")
 pytest.importorskip("transformers")
@@ -65,10 +72,10 @@ def test_chat_template_globals_and_errors(procs):
     template = "{% if messages|length > 1 %}{{ raise_exception('too many: ' ~ messages|length) }}{% endif %}{{ bos_token }}{{ messages[0] | tojson }}|{{ eos_token }}|{{ pad_token }}"
     msgs = [{"role": "user", "content": "héllo <b>", "extra": None}]
     assert ours.apply_chat_template(msgs, chat_template=template) == theirs.apply_chat_template(msgs, chat_template=template)
-    import jinja2
-
-    with pytest.raises(jinja2.exceptions.TemplateError, match="too many: 2"):
+    with pytest.raises(ChatTemplateRejected, match="^chat template: the template refuses this conversation: too many: 2$"):
         ours.apply_chat_template(msgs * 2, chat_template=template)
+    with pytest.raises(ChatTemplateError, match="breaks the template sandbox"):
+        ours.apply_chat_template(msgs, chat_template="{{ messages.__class__.__base__.__subclasses__() }}")
 
 
 @pytest.mark.parametrize("max_image_size", [490, 980])
@@ -179,3 +186,42 @@ def test_vocab_size_guard(tmp_path):
     proc = AriaProcessor.from_pretrained(write_dir(tmp_path, model_config=cfg))
     with pytest.raises(ValueError, match="vocab_size 50"):
         proc(text=["The quick brown fox jumps over the lazy dog."])
+
+
+CONFIG_FILES = ("preprocessor_config.json", "tokenizer_config.json", "processor_config.json", "special_tokens_map.json",
+                "chat_template.json")
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dirs(tmp_path_factory):
+    source = write_dir(tmp_path_factory.mktemp("fuzz_src"), size_conversion={490: 4, 980: 8})
+    return source, tmp_path_factory.mktemp("fuzz_work") / "d"
+
+
+@given(st.sampled_from(CONFIG_FILES), st.booleans(), st.data())
+def test_mutated_processor_files_raise_one_line_errors(fuzz_dirs, name, whole, data):
+    """Any value in the processor's JSON files: a processor, or an InputError naming the file. Before: TypeError
+    and AttributeError tracebacks (a list for size_conversion, null in image_mean, ...)."""
+    source, work = fuzz_dirs
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    content = json.loads((source / name).read_text())
+    if whole:
+        content = data.draw(JSON_VALUES)
+    else:
+        content[data.draw(st.sampled_from(sorted(content)))] = data.draw(JSON_VALUES)
+    (work / name).write_text(json.dumps(content))
+    try:
+        processor = AriaProcessor.from_pretrained(work)
+    except InputError as e:
+        assert str(work) in str(e) and "\n" not in str(e)
+        return
+    try:
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    except ValueError as e:  # no template, or a template that does not render this conversation
+        assert "\n" not in str(e)

@@ -9,6 +9,7 @@ from train_helpers import run_train, write_dataset
 
 from aria_jax.processor import AriaProcessor
 from aria_jax.training import data as D
+from aria_jax.training import dataset as J
 from aria_jax.training.losses import IGNORE_INDEX
 
 
@@ -23,7 +24,7 @@ def dataset(tmp_path):
 
 
 def test_labels_only_on_assistant_turns_and_never_on_images(processor, dataset):
-    records = D.read_jsonl(dataset)
+    records = J.read_jsonl(dataset)
     encoder = D.JsonlEncoder(processor, 490, False)
     sample = encoder(records[2])  # two images, two assistant turns
     assert sample.pixel_values.shape == (2, 3, 490, 490)
@@ -41,27 +42,32 @@ def test_labels_only_on_assistant_turns_and_never_on_images(processor, dataset):
 
 
 def test_text_only_sample(processor, dataset):
-    sample = D.JsonlEncoder(processor, 490, False)(D.read_jsonl(dataset)[1])
+    sample = D.JsonlEncoder(processor, 490, False)(J.read_jsonl(dataset)[1])
     assert sample.pixel_values is None
     assert processor.decode(sample.input_ids[sample.labels != IGNORE_INDEX]) == "the quick brown fox<|im_end|>\n"
 
 
 def test_truncation_through_an_image_drops_the_sample_and_counts_it(processor, dataset):
-    records = D.read_jsonl(dataset)
+    records = J.read_jsonl(dataset)
     encoder = D.JsonlEncoder(processor, 490, False)
     sample = encoder(records[0])
     last_image = int(np.nonzero(sample.input_ids == 9)[0].max())
     assert D.truncate(sample, last_image, 9) is None
     kept = D.truncate(sample, last_image + 2, 9)
     assert len(kept.input_ids) == last_image + 2
-    source = D.build_source(records, encoder, last_image)  # cuts every image sample
-    loader = D.Loader(len(records), source, 2, 0, lambda s, layout: D.collate(s, 0, 64, None, layout))
-    loader.next_batch()
+    # The two-image sample cut through its second image; a short text-only one keeps a trained token or two.
+    short = J.Record([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the lazy dog"}], [], "x:1")
+    cut = int(np.nonzero(encoder(records[2]).input_ids == 9)[0].max())
+    source = D.build_source([records[2], short], encoder, cut)
+    assert source(0) is None and D.trained_tokens(source(1).labels) > 0
+    loader = D.Loader(2, source, 2, 0, lambda s, layout: D.collate(s, 0, 64, None, layout))
+    batch = loader.next_batch()
     assert loader.state["dropped"] >= 1
+    assert np.all(D.shift_valid(batch["labels"]).sum(axis=1) > 0)
 
 
 def test_order_is_seeded_and_resumes_from_its_state(processor, dataset):
-    records = D.read_jsonl(dataset)
+    records = J.read_jsonl(dataset)
     source = D.build_source(records, D.JsonlEncoder(processor, 490, False), 256)
 
     def loader(seed):
@@ -88,9 +94,9 @@ def test_order_is_seeded_and_resumes_from_its_state(processor, dataset):
 
 
 def test_dataset_mixer_weights(dataset):
-    records = D.read_jsonl(dataset)
-    assert len(D.mix({"a": records}, {"a": 0.5})) == 4
-    assert len(D.mix({"a": records, "b": records}, {"a": 2.0, "b": 1.0})) == 24
+    records = J.read_jsonl(dataset)
+    assert len(J.mix({"a": records}, {"a": 0.5})) == 4
+    assert len(J.mix({"a": records, "b": records}, {"a": 2.0, "b": 1.0})) == 24
 
 
 def _expect_exit_2(result, *needles):
@@ -112,7 +118,7 @@ def _bad(tmp_path, chat_dir, line: str, files=()):
 
 
 def test_malformed_jsonl_line_names_its_line(tmp_path, chat_dir):
-    _expect_exit_2(_bad(tmp_path, chat_dir, '{"messages": [oops'), "train.jsonl:4", "malformed JSON")
+    _expect_exit_2(_bad(tmp_path, chat_dir, '{"messages": [oops'), "train.jsonl:4", "not valid JSON")
 
 
 def test_missing_image(tmp_path, chat_dir):

@@ -1,26 +1,25 @@
-"""Fine-tuning data: the original Aria JSONL format, dataset mixing, label masking, padded batches, resumable order.
+"""Fine-tuning batches: samples encoded with the processor, label masking, truncation, padded batches, and the
+resumable seeded order (``Loader``) over a dataset (``aria_jax.training.dataset``).
 
-A line: ``{"messages": [{"role": "user"|"assistant"|"system", "content": [{"type": "text", "text": ...},
-{"type": "image"}]}], "images": ["relative/path.png", ...]}`` (``images`` in the order of the image items;
-text-only samples have none). Labels cover assistant turns only (their role header and image tokens excluded).
+Labels cover assistant turns only (their role header and image tokens excluded). A sample that truncation to
+``max_seq_length`` would cut through an image, or leave without a trained token, is dropped and counted.
 
 Multi-host: every process walks the same seeded order and decides the same global batches from cheap per-sample
-metadata (``Meta``: token count after truncation, image count), then encodes, loads images for and collates only
-its own contiguous block of rows (``Loader``).
+metadata (``Meta``: token count after truncation, image count, trained label count), then encodes, loads images for
+and collates only its own contiguous block of rows (``Loader``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
+from aria_jax.errors import ImageError, InputError, one_line
 from aria_jax.training.config import RecipeError
+from aria_jax.training.dataset import Record, image_items
 from aria_jax.training.losses import IGNORE_INDEX
 
 
@@ -32,23 +31,23 @@ class Sample:
     pixel_mask: np.ndarray | None = None  # (N, S, S) bool
 
 
-@dataclasses.dataclass
-class Record:
-    messages: list[dict]
-    images: list[str]  # absolute paths, checked to exist inside the dataset directory
-    where: str  # "file:line" for messages
-
-
 @dataclasses.dataclass(frozen=True)
 class Meta:
     """What deciding a global batch needs to know of a sample, without building it."""
 
     length: int  # tokens after truncation
     images: int  # pixel arrays (image crops) it brings
+    labels: int  # trained tokens after truncation (shifted: labels[1:] not ignored); 0: the sample is dropped
+
+
+def trained_tokens(labels: np.ndarray) -> int:
+    """Positions of one sample the shifted LM loss counts (``shift_valid`` for one row)."""
+    return int(np.count_nonzero(np.asarray(labels)[1:] != IGNORE_INDEX))
 
 
 def meta_of(sample: Sample) -> Meta:
-    return Meta(len(sample.input_ids), 0 if sample.pixel_values is None else len(sample.pixel_values))
+    return Meta(len(sample.input_ids), 0 if sample.pixel_values is None else len(sample.pixel_values),
+                trained_tokens(sample.labels))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,76 +81,31 @@ def layout_for(metas: list[Meta], process_index: int = 0, process_count: int = 1
     return Layout(max(m.length for m in metas), slots, process_index * slots)
 
 
-def _image_items(messages: list[dict]) -> int:
-    return sum(
-        1 for m in messages if isinstance(m.get("content"), list)
-        for item in m["content"] if isinstance(item, dict) and item.get("type") == "image"
-    )
-
-
-def parse_line(line: str, root: str, where: str) -> Record:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"{where}: malformed JSON ({exc.msg})") from None
-    messages = obj.get("messages") if isinstance(obj, dict) else None
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise RecipeError(f"{where}: 'messages' must be a non-empty list of messages")
-    for m in messages:
-        if m.get("role") not in ("user", "assistant", "system"):
-            raise RecipeError(f"{where}: unknown role {m.get('role')!r}")
-        if not isinstance(m.get("content"), list | str):
-            raise RecipeError(f"{where}: message content must be a list of items or a string")
-    if "video" in obj:
-        raise RecipeError(f"{where}: video samples are not supported")
-    images = obj.get("images") or []
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise RecipeError(f"{where}: 'images' must be a list of paths")
-    if len(images) != _image_items(messages):
-        raise RecipeError(f"{where}: {_image_items(messages)} image item(s) but {len(images)} path(s) in 'images'")
-    real_root = os.path.realpath(root)
-    resolved = []
-    for rel in images:
-        path = os.path.realpath(os.path.join(root, rel))
-        if os.path.isabs(rel) or os.path.commonpath([real_root, path]) != real_root:
-            raise RecipeError(f"{where}: image path '{rel}' escapes the dataset directory")
-        if not os.path.isfile(path):
-            raise RecipeError(f"{where}: image '{rel}' not found")
-        resolved.append(path)
-    return Record(messages, resolved, where)
-
-
-def read_jsonl(root: str) -> list[Record]:
-    path = os.path.join(root, "train.jsonl")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                records.append(parse_line(line, root, f"{path}:{number}"))
-    if not records:
-        raise RecipeError(f"{path}: no samples")
-    return records
-
-
-def mix(datasets: dict[str, list[Record]], weights: dict[str, float]) -> list[Record]:
-    """dataset_mixer: weight <= 1 keeps that leading fraction, > 1 repeats the dataset int(weight) times."""
-    out: list[Record] = []
-    for name, records in datasets.items():
-        w = weights[name]
-        out.extend(records[: max(1, int(w * len(records)))] if w <= 1 else records * int(w))
-    return out
-
-
 class JsonlEncoder:
-    """Record -> Sample with the processor: per-message chat template, images expanded, labels on assistant turns."""
+    """Record -> Sample with the processor: per-message chat template, images expanded, labels on assistant turns.
 
-    def __init__(self, processor, max_image_size: int, split_image: bool):
+    ``sizes``: image sizes already read from the headers (``check_images``), so ``measure`` opens no file again.
+    """
+
+    def __init__(self, processor, max_image_size: int, split_image: bool,
+                 sizes: dict[str, tuple[int, int]] | None = None):
         self.processor = processor
         self.max_image_size = max_image_size
         self.split_image = split_image
+        self.sizes = {} if sizes is None else sizes
         tok = processor.tokenizer
         self.header = {r: tok.encode(f"<|im_start|>{r}\n", add_special_tokens=False).ids for r in ("assistant",)}
         self.image_token_id = processor._require_id(processor.image_token)
+
+    def labels(self, piece: np.ndarray, role: str) -> np.ndarray:
+        """One message's labels: its tokens on assistant turns (without the role header and image tokens)."""
+        lab = np.full_like(piece, IGNORE_INDEX)
+        if role == "assistant":
+            head = self.header["assistant"]
+            start = len(head) if list(piece[: len(head)]) == head else 0
+            lab[start:] = piece[start:]
+            lab[piece == self.image_token_id] = IGNORE_INDEX
+        return lab
 
     def __call__(self, record: Record) -> Sample:
         from aria_jax.image_processor import load_image
@@ -160,44 +114,50 @@ class JsonlEncoder:
         images = iter(record.images)
         for message in record.messages:
             text = self.processor.apply_chat_template([message])
-            n_img = _image_items([message])
+            n_img = image_items([message])
             imgs = [load_image(next(images)) for _ in range(n_img)]
             enc = self.processor(text=text, images=imgs or None, max_image_size=self.max_image_size,
                                  split_image=self.split_image, split_mode="original", add_special_tokens=False)
             piece = enc["input_ids"][0].astype(np.int32)
-            lab = np.full_like(piece, IGNORE_INDEX)
-            if message["role"] == "assistant":
-                head = self.header["assistant"]
-                start = len(head) if list(piece[: len(head)]) == head else 0
-                lab[start:] = piece[start:]
-                lab[piece == self.image_token_id] = IGNORE_INDEX
             ids.append(piece)
-            labels.append(lab)
+            labels.append(self.labels(piece, message["role"]))
             if imgs:
                 pixels.append(enc["pixel_values"].astype(np.float32))
                 masks.append(enc["pixel_mask"].astype(bool))
         return Sample(np.concatenate(ids), np.concatenate(labels),
                       np.concatenate(pixels) if pixels else None, np.concatenate(masks) if masks else None)
 
-    def measure(self, record: Record) -> tuple[np.ndarray, int]:
-        """(input_ids, image crops) of ``self(record)`` from the image files' headers alone: no pixels decoded.
-
-        The same chat template, placeholder expansion and tokenizer as ``__call__``; crop counts from the image
-        sizes (``AriaImageProcessor.count_crops``).
-        """
+    def size(self, path: str) -> tuple[int, int]:
         from aria_jax.image_processor import image_size
 
+        if path not in self.sizes:
+            self.sizes[path] = image_size(path)
+        return self.sizes[path]
+
+    def measure(self, record: Record) -> tuple[np.ndarray, np.ndarray, int]:
+        """(input_ids, labels, image crops) of ``self(record)`` from the image files' headers alone: no pixels
+        decoded.
+
+        The same chat template, placeholder expansion, tokenizer and label rule as ``__call__``; crop counts from
+        the image sizes (``AriaImageProcessor.count_crops``).
+        """
         proc = self.processor
         per_image = proc.tokens_per_image(self.max_image_size)
-        sizes = iter(image_size(p) for p in record.images)
-        ids, crops = [], 0
+        sizes = iter(self.size(p) for p in record.images)
+        ids, labels, crops = [], [], 0
         for message in record.messages:
             counts = [proc.image_processor.count_crops(*next(sizes), self.max_image_size, self.split_image,
-                                                       "original") for _ in range(_image_items([message]))]
+                                                       "original") for _ in range(image_items([message]))]
             crops += sum(counts)
-            text = proc.expand_image_tokens(proc.apply_chat_template([message]), (c * per_image for c in counts))
-            ids.extend(proc.tokenizer.encode(text, add_special_tokens=False).ids)
-        return np.asarray(ids, np.int32), crops
+            text = proc.apply_chat_template([message])
+            if text.count(proc.image_token) != len(counts):  # as the processor refuses it in ``__call__``
+                raise ValueError(f"the text has {text.count(proc.image_token)} {proc.image_token} placeholder(s) "
+                                 f"but {len(counts)} image(s) were given")
+            text = proc.expand_image_tokens(text, (c * per_image for c in counts))
+            piece = np.asarray(proc.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+            ids.append(piece)
+            labels.append(self.labels(piece, message["role"]))
+        return np.concatenate(ids), np.concatenate(labels), crops
 
 
 def truncated_length(input_ids: np.ndarray, max_len: int, image_token_id: int) -> int | None:
@@ -260,11 +220,16 @@ def collate(samples: list[Sample], pad_id: int, max_len: int, pixel_shape: tuple
     return batch
 
 
+EVERY_SAMPLE_DROPPED = ("every sample is dropped: max_seq_length cuts through the images of all samples or leaves "
+                        "them no assistant token to train on (raise max_seq_length)")
+
+
 class Loader:
     """Seeded epoch-wise shuffled order over a sample source; its position (``state``) is saved with checkpoints.
 
     A global batch is the next ``batch_size`` samples of the order that are not dropped (``encode`` returns None
-    when truncation would cut an image). With ``process_count`` > 1 this process builds only rows
+    when truncation would cut an image or leave no trained token, or, with skip_bad_samples on one process, when
+    an image fails to decode). With ``process_count`` > 1 this process builds only rows
     ``row_range(batch_size, process_index, process_count)`` of it:
 
     - Every process walks the same order and decides the same global batch (which samples, in which rows, the
@@ -321,7 +286,7 @@ class Loader:
                 self.state["dropped"] += 1
                 misses += 1
                 if misses > 2 * self.size:
-                    raise RecipeError("every sample is dropped: max_seq_length cuts through the images of all samples")
+                    raise RecipeError(EVERY_SAMPLE_DROPPED)
                 continue
             picked.append(index)
             metas.append(meta)
@@ -373,13 +338,54 @@ def synthetic_source(cfg, n: int, seq_len: int, seed: int) -> Callable[[int], Sa
 def synthetic_measure(cfg, seq_len: int) -> Callable[[int], Meta]:
     """``meta_of(synthetic_source(...)(i))`` without building the sample."""
     s = cfg.vision.image_size
-    meta = Meta(cfg.queries_for_patches((s // cfg.vision.patch_size) ** 2) + seq_len, 1)
+    meta = Meta(cfg.queries_for_patches((s // cfg.vision.patch_size) ** 2) + seq_len, 1, seq_len - seq_len // 4)
     return lambda i: meta
 
 
-def build_source(records: list[Record], encoder: JsonlEncoder, max_len: int) -> Callable[[int], Sample | None]:
+@dataclasses.dataclass
+class BadImages:
+    """What to do with a sample whose image fails to decode while training (its header was fine, e.g. a truncated
+    JPEG): with ``skip`` on one process, drop it (every time the order reaches it) and say so once; else stop with
+    a RecipeError naming ``file:line``. Several processes cannot drop it alike: only the one building its row
+    decodes the image."""
+
+    skip: bool = False
+    processes: int = 1
+    log: Callable[[str], None] = print
+    bad: set[int] = dataclasses.field(default_factory=set)
+
+    def __call__(self, index: int, record: Record, exc: ImageError) -> None:
+        if self.skip and self.processes == 1:
+            if index not in self.bad:
+                self.bad.add(index)
+                self.log(f"skip_bad_samples: dropping {record.where} ({exc})")
+            return
+        if self.processes > 1:
+            raise RecipeError(f"{record.where}: {exc}; the image decodes badly although its header is fine, and "
+                              "the processes of a multi-host run cannot drop such a sample alike: remove it from "
+                              "the dataset")
+        raise RecipeError(f"{record.where}: {exc} (set skip_bad_samples: true to leave such samples out)")
+
+
+def build_source(records: list[Record], encoder: JsonlEncoder, max_len: int, bad_images: BadImages | None = None
+                 ) -> Callable[[int], Sample | None]:
+    """Sample ``i`` truncated to ``max_len``; None (dropped) when truncation would cut an image or leave no trained
+    token, or ``bad_images`` drops it. A sample the processor cannot take is a RecipeError naming its line."""
+    bad_images = bad_images or BadImages()
+
     def encode(i: int) -> Sample | None:
-        return truncate(encoder(records[i]), max_len, encoder.image_token_id)
+        if i in bad_images.bad:
+            return None
+        record = records[i]
+        try:
+            sample = encoder(record)
+        except ImageError as exc:
+            bad_images(i, record, exc)
+            return None
+        except (InputError, ValueError) as exc:  # the chat template or processor refusing this sample's content
+            raise RecipeError(f"{record.where}: {one_line(exc)}") from None
+        sample = truncate(sample, max_len, encoder.image_token_id)
+        return None if sample is None or not trained_tokens(sample.labels) else sample
 
     return encode
 
@@ -390,16 +396,16 @@ def build_measure(records: list[Record], encoder: JsonlEncoder, max_len: int) ->
 
     def measure(i: int) -> Meta | None:
         if i not in cache:
-            ids, crops = encoder.measure(records[i])
+            try:
+                ids, labels, crops = encoder.measure(records[i])
+            except (InputError, ValueError) as exc:
+                raise RecipeError(f"{records[i].where}: {one_line(exc)}") from None
             n = truncated_length(ids, max_len, encoder.image_token_id)
-            cache[i] = None if n is None else Meta(n, crops)
+            trained = 0 if n is None else trained_tokens(labels[:n])
+            cache[i] = Meta(n, crops, trained) if trained else None
         return cache[i]
 
     return measure
-
-
-def load_datasets(mixer: dict[str, Any]) -> list[Record]:
-    return mix({p: read_jsonl(p) for p in mixer}, {p: float(w) for p, w in mixer.items()})
 
 
 def shift_valid(labels: np.ndarray) -> np.ndarray:

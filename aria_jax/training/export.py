@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -58,12 +59,24 @@ def to_hf_tensors(params: dict, cfg: AriaConfig, base_dir: str | None = None) ->
     return out
 
 
+def save_tensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.numpy.save_file``, whose file-system failures (a full disk) are OSErrors naming ``path``."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except Exception as exc:  # SafetensorError("... I/O error: No space left on device (os error 28)")
+        match = re.search(r"os error (\d+)", str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), path) from None
+
+
 def export_hf(params: dict, cfg: AriaConfig, directory: str, base_dir: str | None = None) -> str:
     """Write model.safetensors + config.json (+ the base directory's tokenizer/processor files)."""
     os.makedirs(directory, exist_ok=True)
     tensors = to_hf_tensors(params, cfg, base_dir)
     tmp = os.path.join(directory, "model.safetensors.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(directory, "model.safetensors"))
     config = cfg.to_dict()
     config["dtype"] = "float32"
@@ -80,7 +93,7 @@ def export_adapter(lora: dict, rules, cfg, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     flat = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
             for k, v in traverse_util.flatten_dict(lora).items()}
-    save_file(flat, os.path.join(directory, "adapter.safetensors"))
+    save_tensors(flat, os.path.join(directory, "adapter.safetensors"))
     meta = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
             "target_modules": sorted({r.target for r in rules}), "base_model": cfg.model_name_or_path,
             "format": "aria-jax lora: W + A @ B * lora_alpha / r; A (batch, in, r), B (batch, r, out)"}

@@ -1,11 +1,16 @@
-"""The training loop: model + data setup, jitted micro-steps with gradient accumulation, logging, checkpoints."""
+"""The training loop: model + data setup, jitted micro-steps with gradient accumulation, logging, checkpoints.
+
+Nothing is written before the setup (recipe, datasets and their images, model, resumed checkpoint) has succeeded:
+``output_dir`` is checked first (a writable directory, or one that can be created), created and given its
+``train_config.yaml`` only once the run starts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -15,12 +20,15 @@ from flax import traverse_util
 
 from aria_jax import distributed, param_layout
 from aria_jax.config import AriaConfig
+from aria_jax.errors import InputError, one_line
 from aria_jax.model import AriaModel
 from aria_jax.training import checkpoint as ckpt
 from aria_jax.training import data as D
+from aria_jax.training import dataset as J
 from aria_jax.training import steps as S
-from aria_jax.training.config import RecipeError, TrainConfig
+from aria_jax.training.config import MAX_STEPS, RecipeError, TrainConfig, save_resolved
 from aria_jax.training.lora import init_lora, merge_lora, select_rules
+from aria_jax.training.metrics_log import MetricsLog
 
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "tflops")
 
@@ -65,6 +73,8 @@ class Setup:
     rows: Rows = Rows()
     layerwise: bool = False  # trainable / frozen / optimizer state per layer (param_layout.unroll_layers)
     spare_grads: list = dataclasses.field(default_factory=list)  # consumed gradient trees, donated (make_grad_fn)
+    base_dir: str | None = None  # the model (or tokenizer) directory, hub ids resolved: its files go with exports
+    skipped: int = 0  # samples left out before step 0 for an unreadable image (skip_bad_samples)
 
 
 def make_train_mesh(spec: str | None):
@@ -99,31 +109,51 @@ def onto_mesh(tree, mesh):
                         else distributed.place(x, replicated), tree)
 
 
-def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | None]:
-    from aria_jax.api import Aria
-    from aria_jax.config import ConfigError
-    from aria_jax.safetensors_io import CheckpointError
+def resolve_path(cfg: TrainConfig, key: str) -> str | None:
+    """``model_name_or_path`` / ``tokenizer_path``: a local directory, or a hub id downloaded (or found in the cache);
+    a failure is a RecipeError naming the key and the id."""
+    from aria_jax.files import ModelNotFoundError, resolve_model
 
+    value = getattr(cfg, key)
+    if value is None:
+        return None
     try:
-        if cfg.model_name_or_path is None:
+        return resolve_model(value)
+    except ModelNotFoundError as exc:
+        raise RecipeError(f"config key '{key}': {one_line(exc)}") from None
+
+
+def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | None, str | None]:
+    """(config, float32 params, processor, base directory) of the recipe's model."""
+    from aria_jax.api import Aria
+
+    model_dir = resolve_path(cfg, "model_name_or_path")
+    key = "model_config" if model_dir is None else "model_name_or_path"
+    try:
+        if model_dir is None:
             config = AriaConfig.from_dict(cfg.model_config)
             model = Aria.from_config(config, seed=cfg.seed, dtype="float32", layout="stacked")
         else:
             # training runs the stacked (scanned) layout; on a mesh each tensor is placed as it is read
-            model = Aria.from_pretrained(cfg.model_name_or_path, dtype="float32", mesh=mesh, layout="stacked")
-    except (ConfigError, CheckpointError) as exc:
-        raise RecipeError(str(exc).splitlines()[0]) from None
+            model = Aria.from_pretrained(model_dir, dtype="float32", mesh=mesh, layout="stacked")
+    except InputError as exc:
+        raise RecipeError(f"config key '{key}': {one_line(exc)}") from None
     processor = model.processor
-    if cfg.tokenizer_path is not None:
+    tokenizer_dir = resolve_path(cfg, "tokenizer_path")
+    if tokenizer_dir is not None:
         from aria_jax.processor import AriaProcessor
 
-        processor = AriaProcessor.from_pretrained(cfg.tokenizer_path)
-    return model.config, model.params, processor
+        try:
+            processor = AriaProcessor.from_pretrained(tokenizer_dir)
+        except InputError as exc:
+            raise RecipeError(f"config key 'tokenizer_path': {one_line(exc)}") from None
+    return model.config, model.params, processor, model_dir or tokenizer_dir
 
 
-def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records, rows: Rows = Rows()
-                 ) -> tuple[D.Loader, int]:
-    """The loader; on multi-host it builds only this process's block of rows of each global batch."""
+def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records, rows: Rows = Rows(),
+                 sizes: dict | None = None, log: Callable[[str], None] = print) -> tuple[D.Loader, int]:
+    """The loader; on multi-host it builds only this process's block of rows of each global batch. ``sizes``: the
+    image sizes ``check_images`` read."""
     if records is None:
         seq = min(cfg.max_seq_length, 48)
         source = D.synthetic_source(config, cfg.synthetic_samples, seq, cfg.seed)
@@ -133,8 +163,10 @@ def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records, rows:
         if processor is None:
             raise RecipeError("config key 'model_name_or_path': the model directory has no tokenizer "
                               "(set tokenizer_path)")
-        encoder = D.JsonlEncoder(processor, cfg.max_image_size, cfg.split_image)
-        source = D.build_source(records, encoder, cfg.max_seq_length)
+        J.check_placeholders(records, processor.image_token)
+        encoder = D.JsonlEncoder(processor, cfg.max_image_size, cfg.split_image, sizes)
+        bad_images = D.BadImages(cfg.skip_bad_samples, jax.process_count(), log)
+        source = D.build_source(records, encoder, cfg.max_seq_length, bad_images)
         measure = D.build_measure(records, encoder, cfg.max_seq_length)
         pad_id, size, side = processor.pad_token_id or 0, len(records), cfg.max_image_size
     pixel_shape = (config.vision.num_channels, side, side)
@@ -144,11 +176,19 @@ def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records, rows:
     return loader, size
 
 
-def build(cfg: TrainConfig) -> Setup:
+def load_records(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list | None, int, dict]:
+    """The recipe's samples (None: synthetic), how many were left out for an unreadable image, the image sizes."""
+    if cfg.dataset_mixer is None:
+        return None, 0, {}
+    records = J.load_datasets(cfg.dataset_mixer)
+    return J.check_images(records, cfg.skip_bad_samples, log, progress=distributed.is_main_process())
+
+
+def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
     mesh = make_train_mesh(cfg.mesh)
-    records = None if cfg.dataset_mixer is None else D.load_datasets(cfg.dataset_mixer)  # fail fast on bad data
+    records, skipped, sizes = load_records(cfg, log)  # fail fast on bad data, before the model is loaded
     rows = batch_rows(mesh, cfg.per_device_train_batch_size)
-    config, params, processor = load_model(cfg, mesh)
+    config, params, processor, base_dir = load_model(cfg, mesh)
     params = place(params, config, mesh, cfg.fsdp)
     layerwise = not resolve_scan_layers(cfg.scan_layers)
     module = AriaModel(config, moe_backend=cfg.moe_backend, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
@@ -178,8 +218,9 @@ def build(cfg: TrainConfig) -> Setup:
         trainable, frozen = param_layout.unroll_layers(trainable), param_layout.unroll_layers(frozen)
         params = frozen if cfg.use_peft else traverse_util.unflatten_dict(
             {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
-    loader, size = build_loader(cfg, config, processor, records, rows)
-    return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size, mesh, rows, layerwise)
+    loader, size = build_loader(cfg, config, processor, records, rows, sizes, log)
+    return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size, mesh, rows, layerwise,
+                 base_dir=base_dir, skipped=skipped)
 
 
 def resolve_scan_layers(scan_layers: bool | None) -> bool:
@@ -193,48 +234,25 @@ def stacked_state(setup: Setup, state):
     return param_layout.map_param_trees(param_layout.stack_layers, state) if setup.layerwise else state
 
 
-class MetricsLog:
-    """metrics.jsonl + TensorBoard events in output_dir; on resume the JSONL is cut back to the restored step.
-
-    Disabled (writes nothing) on every process but the first.
-    """
-
-    def __init__(self, output_dir: str, resume_step: int | None, enabled: bool = True):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is None:
-            open(self.path, "w").close()
-        elif os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float):
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+def check_output_dir(path: str) -> None:
+    """``output_dir`` must be a directory that can be written, or one that can be created (its nearest existing
+    ancestor a writable directory). Checked before anything is written; nothing is created."""
+    target = os.path.abspath(path)
+    if os.path.lexists(os.path.join(target, "checkpoints")) and not os.path.isdir(os.path.join(target, "checkpoints")):
+        raise RecipeError(f"config key 'output_dir': {path}: its 'checkpoints' is not a directory")
+    existing = target
+    while not os.path.isdir(existing):
+        if os.path.lexists(existing):  # a file, or a link to nothing, where a directory must be
+            where = "is not a directory" if existing == target else f"lies below {existing}, which is not a directory"
+            raise RecipeError(f"config key 'output_dir': {path}: {where}")
+        existing = os.path.dirname(existing)
+    try:  # os.access ignores read-only mounts on some file systems (and root ignores permissions); a real file not
+        fd, probe = tempfile.mkstemp(prefix=".aria-jax-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RecipeError(f"config key 'output_dir': {path}: cannot write in {existing} "
+                          f"({exc.strerror or one_line(exc)})") from None
 
 
 def to_global(setup: Setup, batch: dict) -> dict:
@@ -277,7 +295,8 @@ def make_step_fns(setup: Setup, total: int) -> tuple[Callable, Callable, Callabl
 def train_step(setup: Setup, fns, state: dict, batches: list[dict], rng: jax.Array) -> tuple[dict, dict]:
     """One optimizer step over ``len(batches)`` micro-batches; returns the new state and its metrics."""
     grad_fn, update, add = fns
-    denom = jnp.float32(max(1, sum(_count(D.shift_valid(b["labels"])) for b in batches)))
+    label_tokens = sum(_count(D.shift_valid(b["labels"])) for b in batches)
+    denom = jnp.float32(max(1, label_tokens))
     grads, totals = None, {"ce_sum": 0.0, "label_tokens": 0, "z_loss": 0.0, "aux_loss": 0.0, "objective": 0.0}
     for i, batch in enumerate(batches):
         spare = setup.spare_grads.pop() if setup.spare_grads else jax.tree.map(jnp.zeros_like, state["trainable"])
@@ -298,31 +317,56 @@ def train_step(setup: Setup, fns, state: dict, batches: list[dict], rng: jax.Arr
     lm = float(totals["ce_sum"]) / float(denom)
     metrics = {"loss": float(totals["objective"]), "lm_loss": lm, "aux_loss": aux, "z_loss": z,
                "weighted_aux": cfg.moe_aux_loss_coeff * aux + cfg.moe_z_loss_coeff * z,
-               "learning_rate": float(lr), "grad_norm": float(norm), "label_tokens": int(denom)}
+               "learning_rate": float(lr), "grad_norm": float(norm), "label_tokens": label_tokens}
     return state, metrics
 
 
-def restore_or_init(setup: Setup, manager, state: dict) -> tuple[dict, int | None]:
+def find_resume(cfg: TrainConfig) -> tuple[str, int | None] | None:
+    """(checkpoints directory, step or None: the latest) to resume from, None: a fresh start; a path that does not
+    exist is a RecipeError (checked before the model is loaded)."""
+    return ckpt.resolve_resume(cfg.resume_from_checkpoint, os.path.join(cfg.output_dir, "checkpoints"))
+
+
+def restore_or_init(setup: Setup, state: dict, resume: tuple[str, int | None] | None = None
+                    ) -> tuple[dict, int | None]:
+    """The state to start from: ``state`` (fresh), or the checkpoint ``resume`` (``find_resume``) names, checked
+    against this run's shapes first. Reads only: nothing is created."""
     cfg = setup.cfg
-    resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, os.path.join(cfg.output_dir, "checkpoints"))
     if resume is None:
         return state, None
     directory, step = resume
-    same = os.path.abspath(directory) == os.path.abspath(str(manager.directory))
-    source = manager if same else ckpt.open_manager(directory, None)
-    step = source.latest_step() if step is None else step
-    if step is None:
-        if cfg.resume_from_checkpoint is True:
-            return state, None  # nothing saved yet: a fresh start
-        raise RecipeError(f"config key 'resume_from_checkpoint': no checkpoint found in {directory}")
-    # a stacked copy of the fresh state, once per resume, gives the checkpoint's shapes and shardings
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            stacked_state(setup, state))
-    restored, data_state = ckpt.restore(source, step, abstract)
-    setup.loader.state = {k: int(v) for k, v in data_state.items()}
+    source = ckpt.open_manager(directory, None, create=False)
+    try:
+        steps = sorted(source.all_steps())
+        if not steps:
+            if cfg.resume_from_checkpoint is True:
+                return state, None  # nothing saved yet: a fresh start
+            raise RecipeError(f"config key 'resume_from_checkpoint': no checkpoint found in {directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise RecipeError(f"config key 'resume_from_checkpoint': no checkpoint of step {step} in {directory} "
+                              f"(it has steps {', '.join(map(str, steps))})")
+        # a stacked copy of the fresh state, once per resume, gives the checkpoint's shapes and shardings
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                stacked_state(setup, state))
+        restored, data_state = ckpt.restore(source, step, abstract)
+    finally:
+        source.close()
+    setup.loader.state = loader_state(data_state, os.path.join(directory, str(step)))
     if setup.layerwise:
         restored = param_layout.map_param_trees(param_layout.unroll_layers, restored)
     return restored, step
+
+
+def loader_state(data_state, where: str) -> dict[str, int]:
+    """The data position saved with a checkpoint: non-negative integers under the loader's keys."""
+    keys = ("epoch", "position", "dropped", "samples")
+    if not isinstance(data_state, dict) or not all(
+            isinstance(data_state.get(k), int) and not isinstance(data_state.get(k), bool) and data_state[k] >= 0
+            for k in keys):
+        raise RecipeError(f"config key 'resume_from_checkpoint': {where}: the saved data position is damaged "
+                          f"(expected non-negative integers {', '.join(keys)})")
+    return {k: int(data_state[k]) for k in keys}
 
 
 def export_final(setup: Setup, state: dict) -> None:
@@ -335,15 +379,19 @@ def export_final(setup: Setup, state: dict) -> None:
     frozen = jax.tree.map(distributed.to_host, frozen) if multi else frozen
     if not distributed.is_main_process():
         return
-    out = os.path.join(cfg.output_dir, "export")
-    if cfg.use_peft:
-        scale = cfg.lora_alpha / cfg.lora_r
-        merged = merge_lora(frozen, trainable, scale, setup.rules)
-        export_adapter(trainable, setup.rules, cfg, os.path.join(out, "adapter"))
-    else:
-        merged = traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
-                                               **traverse_util.flatten_dict(trainable)})
-    export_hf(merged, setup.config, os.path.join(out, "model"), cfg.model_name_or_path or cfg.tokenizer_path)
+    from aria_jax.files import staged_directory
+
+    # written beside output_dir/export and moved in once complete: a failed export (a full disk) leaves nothing
+    # half-written, and the previous export until the new one is whole
+    with staged_directory(os.path.join(cfg.output_dir, "export"), overwrite=True) as out:
+        if cfg.use_peft:
+            scale = cfg.lora_alpha / cfg.lora_r
+            merged = merge_lora(frozen, trainable, scale, setup.rules)
+            export_adapter(trainable, setup.rules, cfg, os.path.join(out, "adapter"))
+        else:
+            merged = traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
+                                                   **traverse_util.flatten_dict(trainable)})
+        export_hf(merged, setup.config, os.path.join(out, "model"), setup.base_dir)
 
 
 def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
@@ -351,48 +399,78 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     Multi-host (``distributed.initialize()`` first): every process runs this; each builds its own rows of every
     batch, Orbax saves collectively, and only process 0 logs, writes metrics and exports.
-    """
-    from tqdm import tqdm
 
+    Every setup step (output_dir checked, data and images, model, resumed checkpoint) comes before anything is
+    written: a failure leaves a fresh output_dir uncreated. Bad input is a RecipeError; a file-system failure while
+    training (a full disk) an OSError naming the file, with the last complete checkpoint still the latest.
+    """
     main = distributed.is_main_process()
     if not main:
         log = lambda message: None
 
-    setup = build(cfg)
+    check_output_dir(cfg.output_dir)
+    resume = find_resume(cfg)
+    setup = build(cfg, log)
     total = S.total_steps(cfg, setup.num_samples)
+    if total > MAX_STEPS:
+        raise RecipeError(f"config key 'num_train_epochs': {cfg.num_train_epochs:g} epochs of {setup.num_samples} "
+                          f"samples are {total} steps, more than {MAX_STEPS}")
     grad_fn, update, add, state = make_step_fns(setup, total)
-    manager = ckpt.open_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.save_total_limit)
-    state, start = restore_or_init(setup, manager, state)
+    state, start = restore_or_init(setup, state, resume)
     if start is not None:
         log(f"resumed from step {start}")
-    metrics_log = MetricsLog(cfg.output_dir, start, enabled=main)
+    # the first step's batches, before anything is written: a dataset whose every sample is dropped fails here
+    first = micro_batches(setup, cfg.gradient_accumulation_steps) if int(state["step"]) < total else None
+    if main:  # the run starts: only now is output_dir created and written
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_resolved(cfg, cfg.output_dir)
+    with ckpt.quiet_orbax_errors():
+        manager = ckpt.open_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.save_total_limit)
+        metrics_log = None
+        try:
+            metrics_log = MetricsLog(cfg.output_dir, start, enabled=main)
+            state, metrics = train_loop(setup, (grad_fn, update, add), state, total, manager, metrics_log, first)
+            ckpt.finish(manager)
+        except BaseException:
+            ckpt.close_quietly(manager)
+            raise
+        finally:
+            if metrics_log is not None:
+                metrics_log.close()
+        manager.close()
+    if cfg.export:
+        export_final(setup, state)
+    return metrics
+
+
+def train_loop(setup: Setup, fns, state: dict, total: int, manager, metrics_log: MetricsLog,
+               first: list[dict] | None = None) -> tuple[dict, dict]:
+    """Steps from ``state["step"]`` to ``total`` (``first``: the first step's batches, already drawn): metrics every
+    logging_steps, checkpoints every save_steps."""
+    from tqdm import tqdm
+
+    cfg = setup.cfg
     flat = traverse_util.flatten_dict(setup.params)
     active = S.active_params(flat, setup.config.text.moe_topk, setup.config.text.moe_num_experts)
     base_rng = jax.random.key(cfg.seed)
     step = int(state["step"])
-    bar = tqdm(total=total, initial=step, disable=not main, desc="train")
     metrics: dict = {}
-    while step < total:
-        t0 = time.perf_counter()
-        batches = micro_batches(setup, cfg.gradient_accumulation_steps)
-        state, metrics = train_step(setup, (grad_fn, update, add), state, batches, jax.random.fold_in(base_rng, step))
-        step += 1
-        dt = time.perf_counter() - t0
-        tokens = sum(_count(b["attention_mask"]) for b in batches)
-        padded = sum(b["input_ids"].size for b in batches)
-        metrics = {"step": step, "epoch": round(setup.loader.epoch_progress, 4), **metrics, "tokens": tokens,
-                   "dropped_samples": setup.loader.state["dropped"], "tokens_per_s": tokens / dt,
-                   "step_time_s": dt, "tflops": 6.0 * active * padded / dt / 1e12}
-        if step % cfg.logging_steps == 0 or step == total:
-            metrics_log.write(metrics)
-            bar.set_postfix(loss=f"{metrics['lm_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
-        if step % cfg.save_steps == 0 or step == total:
-            ckpt.save(manager, step, stacked_state(setup, state), dict(setup.loader.state))
-        bar.update(1)
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    metrics_log.close()
-    if cfg.export:
-        export_final(setup, state)
-    return metrics
+    with tqdm(total=total, initial=step, disable=not distributed.is_main_process(), desc="train") as bar:
+        while step < total:
+            t0 = time.perf_counter()
+            batches, first = first or micro_batches(setup, cfg.gradient_accumulation_steps), None
+            state, metrics = train_step(setup, fns, state, batches, jax.random.fold_in(base_rng, step))
+            step += 1
+            dt = time.perf_counter() - t0
+            tokens = sum(_count(b["attention_mask"]) for b in batches)
+            padded = sum(b["input_ids"].size for b in batches)
+            metrics = {"step": step, "epoch": round(setup.loader.epoch_progress, 4), **metrics, "tokens": tokens,
+                       "dropped_samples": setup.loader.state["dropped"], "skipped_samples": setup.skipped,
+                       "tokens_per_s": tokens / dt, "step_time_s": dt, "tflops": 6.0 * active * padded / dt / 1e12}
+            if step % cfg.logging_steps == 0 or step == total:
+                metrics_log.write(metrics)
+                bar.set_postfix(loss=f"{metrics['lm_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+            if step % cfg.save_steps == 0 or step == total:
+                ckpt.save(manager, step, stacked_state(setup, state), dict(setup.loader.state))
+            bar.update(1)
+    return state, metrics

@@ -1,0 +1,179 @@
+"""Fine-tuning datasets in the original Aria JSONL format, read and checked before step 0.
+
+``DIR/train.jsonl``, one sample per line: ``{"messages": [{"role": "user"|"assistant"|"system", "content": [{"type":
+"text", "text": ...}, {"type": "image"}]}], "images": ["relative/path.png", ...]}`` (``images`` in the order of
+the image items; text-only samples have none). ``dataset_mixer`` weights mix several datasets.
+
+Bad data never ends a run with a traceback: a malformed line is a ``RecipeError`` naming ``file:line`` when the
+datasets are read, and every referenced image is checked from its header before step 0 (``check_images``: a
+``RecipeError``, or with ``skip_bad_samples`` the sample is left out and counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from aria_jax.errors import ImageError, one_line
+from aria_jax.files import parse_json
+from aria_jax.training.config import RecipeError, show
+
+
+@dataclasses.dataclass
+class Record:
+    messages: list[dict]
+    images: list[str]  # absolute paths, checked to exist inside the dataset directory
+    where: str  # "file:line" for messages
+
+
+
+def image_items(messages: list[dict]) -> int:
+    return sum(
+        1 for m in messages if isinstance(m.get("content"), list)
+        for item in m["content"] if isinstance(item, dict) and item.get("type") == "image"
+    )
+
+
+ROLES = ("user", "assistant", "system")
+
+
+def _check_text(value: str, where: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecipeError(f"{where}: {what} is not valid Unicode text (a lone surrogate escape)") from None
+
+
+def _check_message(m: dict, where: str) -> None:
+    role = m.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise RecipeError(f"{where}: unknown role {show(role)} (expected one of {', '.join(ROLES)})")
+    content = m.get("content")
+    if isinstance(content, str):
+        _check_text(content, where, "message content")
+        return
+    if not isinstance(content, list):
+        raise RecipeError(f"{where}: message content must be a list of items or a string")
+    for item in content:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text" and isinstance(item.get("text"), str):
+            _check_text(item["text"], where, "a text item")
+        elif kind != "image":
+            raise RecipeError(f"{where}: content item {show(item)}: expected {{'type': 'text', 'text': STRING}} or "
+                              "{'type': 'image'}")
+
+
+def parse_line(line: bytes | str, root: str, where: str) -> Record:
+    """One JSONL line (``where``: ``file:line``) -> a Record; every problem is a RecipeError naming ``where``."""
+    obj = parse_json(line, where, error=RecipeError)
+    messages = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise RecipeError(f"{where}: 'messages' must be a non-empty list of messages")
+    for m in messages:
+        _check_message(m, where)
+    if "video" in obj:
+        raise RecipeError(f"{where}: video samples are not supported")
+    images = obj.get("images") or []
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise RecipeError(f"{where}: 'images' must be a list of paths")
+    if len(images) != image_items(messages):
+        raise RecipeError(f"{where}: {image_items(messages)} image item(s) but {len(images)} path(s) in 'images'")
+    return Record(messages, [_image_path(root, rel, where) for rel in images], where)
+
+
+def _image_path(root: str, rel: str, where: str) -> str:
+    """The absolute path of an image named in a line, which must stay inside the dataset directory and exist."""
+    if not rel or "\0" in rel:
+        raise RecipeError(f"{where}: image path {show(rel)} is not a file name")
+    _check_text(rel, where, "an image path")
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, rel))
+    if os.path.isabs(rel) or os.path.commonpath([real_root, path]) != real_root:
+        raise RecipeError(f"{where}: image path {rel!r} escapes the dataset directory")
+    if not os.path.isfile(path):
+        raise RecipeError(f"{where}: image {rel!r} not found")
+    return path
+
+
+def read_jsonl(root: str) -> list[Record]:
+    """``root/train.jsonl``: one sample per non-blank line (bytes: non-UTF-8 text is one line naming file:line)."""
+    path = os.path.join(root, "train.jsonl")
+    records = []
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(parse_line(line, root, f"{path}:{number}"))
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
+    if not records:
+        raise RecipeError(f"{path}: no samples")
+    return records
+
+
+def mix(datasets: dict[str, list[Record]], weights: dict[str, float]) -> list[Record]:
+    """dataset_mixer: weight <= 1 keeps that leading fraction, > 1 repeats the dataset int(weight) times."""
+    out: list[Record] = []
+    for name, records in datasets.items():
+        w = weights[name]
+        out.extend(records[: max(1, int(w * len(records)))] if w <= 1 else records * int(w))
+    return out
+
+
+
+def check_placeholders(records: list[Record], placeholder: str) -> None:
+    """No text may contain the image placeholder itself (images are ``{"type": "image"}`` items): such a sample
+    would fail only when encoded, mid-run. Checked before step 0, naming the first such line."""
+    for record in records:
+        for message in record.messages:
+            content = message["content"]
+            texts = [content] if isinstance(content, str) else [i["text"] for i in content if i["type"] == "text"]
+            if any(placeholder in text for text in texts):
+                raise RecipeError(f"{record.where}: a text contains the image placeholder {placeholder!r} (images "
+                                  "are {'type': 'image'} items)")
+
+
+
+def load_datasets(mixer: dict[str, Any]) -> list[Record]:
+    return mix({p: read_jsonl(p) for p in mixer}, {p: float(w) for p, w in mixer.items()})
+
+
+def check_images(records: list[Record], skip_bad: bool, log: Callable[[str], None] = print, progress: bool = False
+                 ) -> tuple[list[Record], int, dict[str, tuple[int, int]]]:
+    """Read every referenced image's header once (``image_size``: no pixels decoded for most formats), before step 0.
+
+    Returns the records kept, how many were left out and the image sizes (for ``JsonlEncoder.measure``). An image
+    that cannot be read is a RecipeError naming the first sample using it, or with ``skip_bad`` every sample using
+    it is left out (one log line). The same files give the same decisions on every process.
+    """
+    from tqdm import tqdm
+
+    from aria_jax.image_processor import image_size
+
+    paths = list(dict.fromkeys(p for r in records for p in r.images))
+    sizes: dict[str, tuple[int, int]] = {}
+    errors: dict[str, ImageError] = {}
+    for path in tqdm(paths, desc="checking images", unit="image", disable=not progress or len(paths) < 1000):
+        try:
+            sizes[path] = image_size(path)
+        except ImageError as exc:
+            errors[path] = exc
+    if not errors:
+        return records, 0, sizes
+    kept, first = [], None
+    for record in records:
+        bad = next((p for p in record.images if p in errors), None)
+        if bad is None:
+            kept.append(record)
+            continue
+        first = first or f"{record.where}: {errors[bad]}"
+        if not skip_bad:
+            raise RecipeError(f"{first} (set skip_bad_samples: true to leave such samples out)")
+    skipped = len(records) - len(kept)
+    if not kept:
+        raise RecipeError(f"every sample is dropped: all {skipped} have an unreadable image (the first: {first})")
+    log(f"skip_bad_samples: left out {skipped} of {len(records)} samples with an unreadable image (the first: "
+        f"{first})")
+    return kept, skipped, sizes
