@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys (YAML values)")
     args = parser.parse_args(argv)
 
-    from aria_jax import distributed
     from aria_jax.errors import InputError, one_line, os_error_line
+    from aria_jax.parallel import distributed
     from aria_jax.training.config import describe, load_config
 
     try:

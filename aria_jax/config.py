@@ -15,6 +15,8 @@ import math
 import os
 from typing import Any
 
+import jax.numpy as jnp
+
 from aria_jax.errors import InputError
 from aria_jax.files import read_json
 
@@ -417,3 +419,16 @@ PRESETS: dict[str, AriaConfig] = {
         dtype="float32",
     ),
 }
+
+
+def resolve_dtype(dtype, cfg: AriaConfig | None = None) -> jnp.dtype:
+    """ "bfloat16" / "float32" / a numpy or jnp dtype / None (the checkpoint's own dtype, else float32)."""
+    if dtype is None:
+        dtype = (cfg.dtype if cfg is not None else None) or "float32"
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'float32' or 'bfloat16'") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"dtype must be a floating type, got {dtype!r}")
+    return resolved

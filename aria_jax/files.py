@@ -9,6 +9,7 @@ one is complete, recover from a process killed mid-swap, never follow a symlink 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -114,6 +115,21 @@ def check_writable_file(path: str | os.PathLike, error: type[Exception] = InputE
         os.unlink(probe)
     except OSError as e:
         raise error(f"{path}: cannot write ({e.strerror or one_line(e)})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- sizes
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str, error: type[Exception] = InputError, unit_required: bool = False) -> int:
+    """``"5GB"`` -> 5_000_000_000: KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB of 2 (as transformers and
+    accelerator data sheets read them), any case; bytes without a unit unless ``unit_required``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]I?B|B)?\s*", text.upper())
+    if not match or float(match.group(1)) <= 0 or (unit_required and not match.group(2)):
+        raise error(f"{flag} '{text}': expected a positive size like 5GB, 500MB or 16GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
 
 
 # ---------------------------------------------------------------------------------------------------- staging
@@ -303,3 +319,24 @@ def _hub_reason(exc: Exception, revision: str | None) -> str:
         if name in names:
             return f"{type(exc).__name__}: {reason.format(revision=revision)}"
     return f"{type(exc).__name__}: {one_line(exc)}"
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json")
+
+
+TOKENIZER_FILES = ("*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken")
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copy tokenizer, processor, chat-template and generation files (everything but weights and config)."""
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if not os.path.isfile(path) or name.startswith("."):
+            continue
+        if any(fnmatch.fnmatch(name, p) for p in WEIGHT_FILES):
+            continue
+        if any(fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied

@@ -5,8 +5,8 @@
 Generates a random bfloat16 checkpoint (hub layout, ~1 GB shards) of at least ``--gb`` GB, then in fresh child
 processes (so none sees another's memory): (1) a plain sequential read of every shard in 64 MiB blocks,
 (2) a raw copy (the same read, plus writing the bytes to one file: the I/O floor of any conversion), (3)
-``aria_jax.convert.convert`` to bfloat16. All three run twice: with the source in the page cache ("warm"), and
-with its pages dropped (``posix_fadvise(DONTNEED)`` on these files only) so they read from disk ("cold"),
+``aria_jax.checkpoint.convert.convert`` to bfloat16. All three run twice: with the source in the page cache
+("warm"), and with its pages dropped (``posix_fadvise(DONTNEED)`` on these files only) so they read from disk ("cold"),
 alternating ``--repeats`` times; each measurement keeps its fastest run (a shared VM drifts from run to run).
 Throughput is source bytes / seconds (imports excluded); peak RSS is the converting process's
 ``ru_maxrss``. Bars: conversion >= 50% of the plain read's throughput; peak RSS <= 2 x the largest tensor
@@ -29,9 +29,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from aria_jax.checkpoint.safetensors_io import write_safetensors  # noqa: E402
 from aria_jax.config import AriaConfig  # noqa: E402
-from aria_jax.safetensors_io import write_safetensors  # noqa: E402
-from aria_jax.weights import tensor_specs  # noqa: E402
+from aria_jax.model.schema import tensor_specs  # noqa: E402
 
 
 def bench_config(layers: int) -> AriaConfig:
@@ -117,7 +117,7 @@ print(json.dumps({"bytes": total, "seconds": elapsed, "peak_rss": rss}))
 
 CONVERT = r"""
 import json, resource, sys, time
-from aria_jax.convert import convert
+from aria_jax.checkpoint.convert import convert
 start = time.perf_counter()
 summary = convert(sys.argv[1], sys.argv[2], dtype="bfloat16", progress=False)
 elapsed = time.perf_counter() - start

@@ -34,7 +34,7 @@ def distinct_experts(model, ids: np.ndarray, first: int) -> float:
     """Mean number of distinct experts per layer that one decode step's batch uses, for positions >= first."""
     import jax
 
-    _, router_logits, _ = model.run_module.apply({"params": model.run_params}, ids)
+    router_logits = model.module.apply({"params": model.params}, ids).router_logits
     k = model.config.text.moe_topk
     layers, _, experts = router_logits.shape
     top = np.asarray(jax.lax.top_k(router_logits, k)[1]).reshape(layers, ids.shape[0], ids.shape[1], k)

@@ -35,8 +35,10 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from aria_jax import Aria, param_layout
-    from aria_jax.model import AriaModel
+    from aria_jax import Aria
+    from aria_jax.model.aria import AriaModel
+    from aria_jax.parallel import layout as param_layout
+    from aria_jax.runtime import detect
     from aria_jax.training import steps as S
     from aria_jax.training.trainer import resolve_scan_layers
 
@@ -48,12 +50,13 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
 
     trainable, frozen = traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
     # the layout train.py picks (scan_layers null): per layer on CPU; BENCH_SCAN_LAYERS=1 runs the layer scan
-    layerwise = not resolve_scan_layers(True if os.environ.get("BENCH_SCAN_LAYERS") == "1" else None)
+    runtime = detect()
+    layerwise = not resolve_scan_layers(True if os.environ.get("BENCH_SCAN_LAYERS") == "1" else None, runtime)
     if layerwise:
         trainable, frozen = param_layout.unroll_layers(trainable), param_layout.unroll_layers(frozen)
     spec = S.LossSpec(cfg.text.moe_topk, 1e-4, 1e-5, 1, None)
-    module = AriaModel(cfg, moe_backend=os.environ.get("BENCH_MOE_BACKEND", "auto"), unrolled=layerwise,
-                       split_experts=False)
+    module = AriaModel(cfg, moe_backend=os.environ.get("BENCH_MOE_BACKEND", "auto"),
+                       layout="per_layer" if layerwise else "stacked", runtime=runtime)
     grad_fn = S.make_grad_fn(S.make_objective(module, spec))
 
     class Opt:

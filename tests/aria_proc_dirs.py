@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from aria_jax.demo import ARIA_CHAT_TEMPLATE, SPECIAL_TOKENS
+from aria_jax.cli.demo import ARIA_CHAT_TEMPLATE, SPECIAL_TOKENS
 
 # The real Aria chat template and special-token order (ids 0..9: <unk>=0, <s>=1, </s>=2, <|img|>=9); the processor
 # tests render it with transformers too, so its text is checked against the reference there.

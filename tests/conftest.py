@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import hf_models  # noqa: E402
 
@@ -51,6 +52,19 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def traced_params(cfg, dtype):
+    """(ShapeDtypeStructs, logical axis specs) from an abstract init of the Flax model: the independent reference the
+    parameter schema (aria_jax.model.schema) is held against."""
+    import flax.linen as nn
+    import jax
+
+    from aria_jax.model.aria import AriaModel, example_inputs
+
+    model = AriaModel(cfg, dtype=dtype, moe_backend="dense")
+    boxed = jax.eval_shape(model.init, jax.random.key(0), **example_inputs(cfg))["params"]
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
 def rel_err(out, ref) -> float:

@@ -206,6 +206,7 @@ def test_write_atomic_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
         (b"1" * 5000, "4300 digits"),
         (b"{'a': 1}", "Expecting property name"),
     ],
+    ids=["deep", "utf16", "huge_int", "single_quotes"],
 )
 def test_malformed_json_is_one_error_naming_the_file(tmp_path, raw, why):
     path = tmp_path / "config.json"

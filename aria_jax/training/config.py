@@ -16,7 +16,7 @@ import yaml
 
 from aria_jax.errors import InputError, one_line
 from aria_jax.files import write_atomic
-from aria_jax.moe import MOE_BACKENDS
+from aria_jax.kernels.experts import MOE_BACKENDS
 
 
 class RecipeError(InputError):
@@ -68,7 +68,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
     # The decoder layers as one scan over stacked parameters (bounded compile time: GPU/TPU), or one parameter tree
-    # per layer (CPU: no per-layer slice copies, a 14-17% faster step). null: per layer on CPU. Checkpoints and
+    # per layer (CPU: no per-layer slice copies). null: the platform's choice (aria_jax.runtime). Checkpoints and
     # exports are stacked either way.
     scan_layers: bool | None = None
     bf16: bool = False  # bfloat16 compute on float32 master weights
@@ -80,7 +80,7 @@ class TrainConfig:
     resume_from_checkpoint: bool | str | None = None  # true: latest in output_dir; a path: that checkpoint
     export: bool = True
     seed: int = 42
-    mesh: str | None = None  # e.g. "data=2,expert=4": params sharded by aria_jax.sharding, experts in parallel
+    mesh: str | None = None  # e.g. "data=2,expert=4": params sharded by aria_jax.parallel.sharding, experts in parallel
     fsdp: bool = False  # with a mesh: also shard every weight, its gradient and Adam state over "data"
 
 

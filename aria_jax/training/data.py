@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from aria_jax.errors import ImageError, InputError, one_line
+from aria_jax.inference.image_processor import image_size, load_image
 from aria_jax.training.config import RecipeError
 from aria_jax.training.dataset import Record, image_items
 from aria_jax.training.losses import IGNORE_INDEX
@@ -108,8 +109,6 @@ class JsonlEncoder:
         return lab
 
     def __call__(self, record: Record) -> Sample:
-        from aria_jax.image_processor import load_image
-
         ids, labels, pixels, masks = [], [], [], []
         images = iter(record.images)
         for message in record.messages:
@@ -128,8 +127,6 @@ class JsonlEncoder:
                       np.concatenate(pixels) if pixels else None, np.concatenate(masks) if masks else None)
 
     def size(self, path: str) -> tuple[int, int]:
-        from aria_jax.image_processor import image_size
-
         if path not in self.sizes:
             self.sizes[path] = image_size(path)
         return self.sizes[path]

@@ -16,8 +16,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from tqdm import tqdm
+
 from aria_jax.errors import ImageError, one_line
 from aria_jax.files import parse_json
+from aria_jax.inference.image_processor import image_size
 from aria_jax.training.config import RecipeError, show
 
 
@@ -148,9 +151,6 @@ def check_images(records: list[Record], skip_bad: bool, log: Callable[[str], Non
     that cannot be read is a RecipeError naming the first sample using it, or with ``skip_bad`` every sample using
     it is left out (one log line). The same files give the same decisions on every process.
     """
-    from tqdm import tqdm
-
-    from aria_jax.image_processor import image_size
 
     paths = list(dict.fromkeys(p for r in records for p in r.images))
     sizes: dict[str, tuple[int, int]] = {}

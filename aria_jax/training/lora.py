@@ -1,6 +1,6 @@
 """LoRA as explicit pytrees: which parameters get an (A, B) pair, their init, scaling and merging.
 
-The model reads the pairs from its "lora" collection (aria_jax.layers.lora_delta and the MoE's grouped-matmul
+The model reads the pairs from its "lora" collection (aria_jax.model.layers.lora_delta and the MoE's grouped-matmul
 branch). For a parameter W of shape ``batch + in + out`` (batch: the stacked layer axis and, for routed experts,
 the expert axis), A is ``batch + in + (r,)`` and B is ``batch + (r,) + out``; the model adds ``x @ A @ (B * alpha/r)``.
 """

@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 
+from tensorboardX import SummaryWriter
+
 from aria_jax.files import write_atomic
 
 
@@ -30,7 +32,6 @@ class MetricsLog:
                 kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
             write_atomic(self.path, b"".join(kept))
         try:
-            from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         except ImportError:

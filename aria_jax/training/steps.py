@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from aria_jax.layers import LORA, lora_dropout
+from aria_jax.model.layers import LORA, lora_dropout
 from aria_jax.training.lora import scale_lora
 from aria_jax.training.losses import lm_loss_sum, lm_loss_sum_linear, load_balancing_loss, z_loss
 
@@ -34,7 +34,7 @@ def split_params(params: dict, trainable: Callable[[tuple[str, ...]], bool]) -> 
 
 def layer_masks(flat: Flat, frozen_layers: list[int], n_layers: int) -> Flat:
     """Per decoder parameter: 1.0 for trainable layers, 0.0 for ``freeze_llm_layers`` (broadcastable); stacked
-    (``layers``) or per-layer (``layers_{i}``, aria_jax.param_layout.unroll_layers) paths."""
+    (``layers``) or per-layer (``layers_{i}``, aria_jax.parallel.layout.unroll_layers) paths."""
     if not frozen_layers:
         return {}
     keep = jnp.ones(n_layers, jnp.float32).at[jnp.asarray(frozen_layers, jnp.int32)].set(0.0)
@@ -84,16 +84,17 @@ def make_objective(module, spec: LossSpec) -> Callable:
         # lm_head is fused into the loss unless it carries a LoRA pair.
         fused = spec.lora_scale is None or not any(p[:2] == ("language_model", "lm_head") for p in trainable)
         with lora_dropout(spec.lora_dropout if spec.lora_scale is not None else 0.0):
-            out, router_logits, _ = module.apply(
+            output = module.apply(
                 variables, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
                 batch.get("pixel_mask"), rngs={"dropout": rng}, image_offsets=batch.get("image_offsets"),
-                hidden=fused,
+                compute_logits=not fused,
             )
+        router_logits = output.router_logits
         if fused:
             kernel = variables["params"]["language_model"]["lm_head"]["kernel"]
-            ce_sum, count = lm_loss_sum_linear(out, kernel, batch["labels"])
+            ce_sum, count = lm_loss_sum_linear(output.hidden, kernel, batch["labels"])
         else:
-            ce_sum, count = lm_loss_sum(out, batch["labels"])
+            ce_sum, count = lm_loss_sum(output.logits, batch["labels"])
         z = z_loss(router_logits)
         aux = load_balancing_loss(router_logits, spec.top_k)
         lm = ce_sum / denom

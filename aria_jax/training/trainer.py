@@ -17,16 +17,24 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from tqdm import tqdm
 
-from aria_jax import distributed, param_layout
 from aria_jax.config import AriaConfig
 from aria_jax.errors import InputError, one_line
-from aria_jax.model import AriaModel
+from aria_jax.files import ModelNotFoundError, resolve_model, staged_directory
+from aria_jax.inference.api import Aria
+from aria_jax.inference.processor import AriaProcessor
+from aria_jax.model.aria import AriaModel
+from aria_jax.parallel import distributed
+from aria_jax.parallel import layout as param_layout
+from aria_jax.parallel.sharding import MeshError, make_mesh, param_shardings
+from aria_jax.runtime import Runtime, detect
 from aria_jax.training import checkpoint as ckpt
 from aria_jax.training import data as D
 from aria_jax.training import dataset as J
 from aria_jax.training import steps as S
 from aria_jax.training.config import MAX_STEPS, RecipeError, TrainConfig, save_resolved
+from aria_jax.training.export import export_adapter, export_hf
 from aria_jax.training.lora import init_lora, merge_lora, select_rules
 from aria_jax.training.metrics_log import MetricsLog
 
@@ -79,8 +87,6 @@ class Setup:
 
 def make_train_mesh(spec: str | None):
     """The recipe's mesh (None: one device); a bad spec is a recipe error naming the key."""
-    from aria_jax.sharding import MeshError, make_mesh
-
     try:
         return make_mesh(spec)
     except MeshError as e:
@@ -91,7 +97,6 @@ def place(params: dict, config: AriaConfig, mesh, fsdp: bool) -> dict:
     """Params onto the mesh with the sharding rules (and FSDP over data if asked); unchanged without a mesh."""
     if mesh is None:
         return params
-    from aria_jax.sharding import MeshError, param_shardings
 
     try:
         shardings = param_shardings(config, mesh, fsdp=fsdp)
@@ -112,8 +117,6 @@ def onto_mesh(tree, mesh):
 def resolve_path(cfg: TrainConfig, key: str) -> str | None:
     """``model_name_or_path`` / ``tokenizer_path``: a local directory, or a hub id downloaded (or found in the cache);
     a failure is a RecipeError naming the key and the id."""
-    from aria_jax.files import ModelNotFoundError, resolve_model
-
     value = getattr(cfg, key)
     if value is None:
         return None
@@ -125,8 +128,6 @@ def resolve_path(cfg: TrainConfig, key: str) -> str | None:
 
 def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | None, str | None]:
     """(config, float32 params, processor, base directory) of the recipe's model."""
-    from aria_jax.api import Aria
-
     model_dir = resolve_path(cfg, "model_name_or_path")
     key = "model_config" if model_dir is None else "model_name_or_path"
     try:
@@ -141,7 +142,6 @@ def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | 
     processor = model.processor
     tokenizer_dir = resolve_path(cfg, "tokenizer_path")
     if tokenizer_dir is not None:
-        from aria_jax.processor import AriaProcessor
 
         try:
             processor = AriaProcessor.from_pretrained(tokenizer_dir)
@@ -190,9 +190,12 @@ def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
     rows = batch_rows(mesh, cfg.per_device_train_batch_size)
     config, params, processor, base_dir = load_model(cfg, mesh)
     params = place(params, config, mesh, cfg.fsdp)
-    layerwise = not resolve_scan_layers(cfg.scan_layers)
+    runtime = detect()
+    layerwise = not resolve_scan_layers(cfg.scan_layers, runtime)
+    log(f"runtime: {runtime.describe()}; training layout {'per_layer' if layerwise else 'stacked'}")
     module = AriaModel(config, moe_backend=cfg.moe_backend, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
-                       remat=cfg.gradient_checkpointing, mesh=mesh, unrolled=layerwise, split_experts=False)
+                       remat=cfg.gradient_checkpointing, mesh=mesh, layout="per_layer" if layerwise else "stacked",
+                       runtime=runtime)
     frozen_parts = S.frozen_parts(cfg)
     if cfg.use_peft:
         try:
@@ -223,10 +226,9 @@ def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
                  base_dir=base_dir, skipped=skipped)
 
 
-def resolve_scan_layers(scan_layers: bool | None) -> bool:
-    """The recipe's ``scan_layers``, or when null: scanned except on CPU, where XLA copies every slice of a stacked
-    parameter (one tree per layer made a step of the mid-size benchmark model 14-17% faster)."""
-    return scan_layers if scan_layers is not None else jax.default_backend() != "cpu"
+def resolve_scan_layers(scan_layers: bool | None, runtime: Runtime) -> bool:
+    """The recipe's ``scan_layers``, or when null the platform's choice (``Runtime.scan_layers``)."""
+    return scan_layers if scan_layers is not None else runtime.scan_layers
 
 
 def stacked_state(setup: Setup, state):
@@ -370,8 +372,6 @@ def loader_state(data_state, where: str) -> dict[str, int]:
 
 
 def export_final(setup: Setup, state: dict) -> None:
-    from aria_jax.training.export import export_adapter, export_hf
-
     cfg = setup.cfg
     multi = distributed.spans_processes(setup.mesh)  # then gather sharded arrays (every process), write on one
     trainable, frozen = stacked_state(setup, state["trainable"]), stacked_state(setup, setup.frozen)
@@ -379,7 +379,6 @@ def export_final(setup: Setup, state: dict) -> None:
     frozen = jax.tree.map(distributed.to_host, frozen) if multi else frozen
     if not distributed.is_main_process():
         return
-    from aria_jax.files import staged_directory
 
     # written beside output_dir/export and moved in once complete: a failed export (a full disk) leaves nothing
     # half-written, and the previous export until the new one is whole
@@ -447,8 +446,6 @@ def train_loop(setup: Setup, fns, state: dict, total: int, manager, metrics_log:
                first: list[dict] | None = None) -> tuple[dict, dict]:
     """Steps from ``state["step"]`` to ``total`` (``first``: the first step's batches, already drawn): metrics every
     logging_steps, checkpoints every save_steps."""
-    from tqdm import tqdm
-
     cfg = setup.cfg
     flat = traverse_util.flatten_dict(setup.params)
     active = S.active_params(flat, setup.config.text.moe_topk, setup.config.text.moe_num_experts)

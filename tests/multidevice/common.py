@@ -29,7 +29,7 @@ def loss_fn(module):
     import jax.numpy as jnp
 
     def loss(params, input_ids, attention_mask, pixel_values, pixel_mask):
-        logits, _, _ = module.apply({"params": params}, input_ids, attention_mask, pixel_values, pixel_mask)
+        logits = module.apply({"params": params}, input_ids, attention_mask, pixel_values, pixel_mask).logits
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
         mask = attention_mask[:, 1:].astype(jnp.float32)

@@ -8,8 +8,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from aria_jax.expert_parallel import experts_expert_parallel  # noqa: E402
-from aria_jax.moe import EXPERT_BACKENDS  # noqa: E402
+from aria_jax.kernels.expert_parallel import experts_expert_parallel  # noqa: E402
+from aria_jax.kernels.experts import EXPERT_BACKENDS  # noqa: E402
 
 assert jax.device_count() == 8
 rng = np.random.default_rng(0)

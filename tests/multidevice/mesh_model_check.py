@@ -22,7 +22,7 @@ valid = b["attention_mask"].astype(bool)
 with torch.no_grad():
     hf_logits = hf(**{k: torch.as_tensor(v) for k, v in b.items()}).logits.numpy()
 
-single = Aria.from_pretrained(directory, dtype="float32")
+single = Aria.from_pretrained(directory, dtype="float32", layout="stacked")  # the mesh models' layout
 ref_logits = np.asarray(single.forward(**b))
 ref_tokens = single.generate(**b, max_new_tokens=8)
 grad = jax.jit(jax.grad(loss_fn(single.module)))

@@ -14,7 +14,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from common import batch  # noqa: E402
 
-from aria_jax import Aria, distributed  # noqa: E402
+from aria_jax import Aria  # noqa: E402
+from aria_jax.parallel import distributed  # noqa: E402
 
 directory, prefix = sys.argv[1], sys.argv[2]
 assert distributed.initialize()

@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 from common import batch, loss_fn  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from aria_jax import Aria, distributed  # noqa: E402
+from aria_jax import Aria  # noqa: E402
+from aria_jax.parallel import distributed  # noqa: E402
 
 directory, out_path = sys.argv[1], sys.argv[2]
 assert distributed.initialize()
@@ -30,7 +31,7 @@ loss = loss_fn(model.module)
 
 @jax.jit
 def forward_and_step(params, ids, mask, pv, pm):
-    logits, _, _ = model.module.apply({"params": params}, ids, mask, pv, pm)
+    logits = model.module.apply({"params": params}, ids, mask, pv, pm).logits
     value, grads = jax.value_and_grad(loss)(params, ids, mask, pv, pm)
     new = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
     return logits, value, loss(new, ids, mask, pv, pm)

@@ -1,0 +1,44 @@
+"""The ``aria-jax`` command line. Bad input exits with status 2 and one line naming the file, key or value."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aria_jax.cli import checkpoints, demo, plan
+from aria_jax.cli import generate as cli_generate
+from aria_jax.cli.verify import VerifyError
+from aria_jax.errors import one_line, os_error_line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aria-jax", description="Aria (rhymes-ai/Aria) in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    checkpoints.add_parsers(sub)
+    cli_generate.add_parsers(sub)
+    demo.add_parser(sub)
+    plan.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # `aria-jax plan` re-runs itself in a fresh process when JAX already started with too few devices
+    try:
+        return args.func(args)
+    except ValueError as e:  # InputError (every bad file, key or value) and the argument checks
+        return fail(args.command, one_line(e))
+    except OSError as e:  # the file system: a missing or unreadable input, a read-only or full destination, ...
+        return fail(args.command, os_error_line(e))
+    except VerifyError as e:
+        print(f"aria-jax {args.command}: verify failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def fail(command: str, line: str) -> int:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"aria-jax {command}: error: {line}", file=sys.stderr)
+    return 2

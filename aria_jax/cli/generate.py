@@ -1,0 +1,165 @@
+"""``aria-jax generate`` and ``aria-jax chat``: replies from the command line, with timing stats."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+from typing import TextIO
+
+import jax
+
+from aria_jax.errors import ImageError, InputError
+from aria_jax.inference.api import Aria
+from aria_jax.inference.image_processor import load_image
+from aria_jax.inference.processor import ChatTemplateError, ChatTemplateRejected
+from aria_jax.parallel import distributed
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="hub id (e.g. rhymes-ai/Aria), an HF-format directory, or a directory from `aria-jax convert`")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="compute and weight dtype (default: the checkpoint's own)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per reply (256)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 (the default) means greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set with this mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--max-image-size", type=int, default=None, choices=[490, 980],
+                   help="image resolution (default: the processor's, 980)")
+    p.add_argument("--split-image", action="store_true", help="also feed crops of large images (more tokens)")
+    p.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=8,data=1" (default: one device)')
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("generate", help="answer one prompt (with images) and print the reply",
+                       description="Answer one prompt, optionally about images, and print the reply; timing stats "
+                                   "go to stderr. The prompt is wrapped in the model's chat template.")
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image file the prompt is about (repeat for several; they come before the text)")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat; images by path",
+                       description="Interactive chat. Type a message and press enter. `/image PATH` attaches an "
+                                   "image to your next message, `/reset` starts over, `/quit` (or end of input) "
+                                   "leaves. Timing stats follow each reply.")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """Sampling options from the flags, every value checked before the (slow) load."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # NaN fails too
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sample = args.temperature > 0
+    return dict(
+        max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else 1.0,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+    )
+
+
+def _load(args: argparse.Namespace):
+    distributed.initialize()  # multi-host when JAX_COORDINATOR_ADDRESS etc. (or a TPU pod / SLURM) say so
+    model = Aria.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh)
+    if model.processor is None:
+        raise ValueError(f"{args.model}: no tokenizer files (tokenizer.json); cannot turn text into tokens")
+    return model
+
+
+def _runtime(model) -> str:
+    return f"runtime {model.runtime.describe()}; parameter layout {model.layout}"
+
+
+def _load_images(paths: list[str]):
+    return [load_image(path) for path in paths]
+
+
+def cmd_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    options = _options(args)  # validate before the (slow) load
+    images = _load_images(args.image)
+    model = _load(args)
+
+    main = jax.process_index() == 0  # multi-host: every process generates, process 0 prints
+    if not main:
+        out = io.StringIO()
+    image_opts = dict(max_image_size=args.max_image_size, split_image=args.split_image or None)
+    if args.raw:
+        batch = model.processor(text=[args.prompt], images=images or None, **image_opts)
+        tokens = model.generate(**batch, **options)[0]
+        print(model.processor.decode([int(t) for t in tokens], skip_special_tokens=True), file=out)
+    else:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+        for piece in model.chat([{"role": "user", "content": content}], images=images, stream=True,
+                                **image_opts, **options):
+            print(piece, end="", file=out, flush=True)
+        print(file=out)
+    if main:
+        print(f"[{model.last_stats}; {_runtime(model)}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    options = _options(args)
+    model = _load(args)
+    messages: list[dict] = []
+    images: list = []
+    pending: list = []
+    print(f"aria-jax chat: /image PATH attaches an image, /reset starts over, /quit leaves. [{_runtime(model)}]",
+          file=out)
+    while True:
+        print("> ", end="", file=out, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            messages, images, pending = [], [], []
+            print("(conversation reset)", file=out)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                pending.extend(_load_images([path]))
+            except ImageError as e:  # a missing, corrupt or oversized file: say so, the session goes on
+                print(f"error: {e}", file=out)
+                continue
+            print(f"(image attached: {path})", file=out)
+            continue
+        content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
+        messages.append({"role": "user", "content": content})
+        images += pending
+        pending = []
+        reply = ""
+        try:
+            for piece in model.chat(messages, images=images or None, stream=True, max_image_size=args.max_image_size,
+                                    split_image=args.split_image or None, **options):
+                reply += piece
+                print(piece, end="", file=out, flush=True)
+        except ChatTemplateError as e:
+            if not isinstance(e, ChatTemplateRejected):
+                raise  # the checkpoint's template is broken for every message: exit 2
+            messages.pop()  # the template refused this conversation (e.g. its roles): the user can go on
+            print(f"error: {e}", file=out)
+            continue
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so and let the user /reset
+            messages.pop()
+            print(f"error: {e}", file=out)
+            continue
+        print(f"\n[{model.last_stats}]", file=out)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})

@@ -1,0 +1,452 @@
+"""``aria-jax plan``: per-device memory of inference and training on a device mesh, without allocating anything.
+
+The mesh is built from virtual CPU devices; the parameters, optimizer state, batch and KV cache are
+``jax.ShapeDtypeStruct``s carrying their target ``NamedSharding``s, and the real step functions are lowered and
+compiled (``jax.jit(f).lower(*abstract).compile()``). Each step is reported twice, per device:
+
+- **analytic**, from shapes and shardings (formulas below);
+- **compiled**, XLA's ``memory_analysis()``: argument, output, aliased (donated) and temporary bytes; peak is
+  taken as ``arguments + outputs - aliased + temporaries``. These are the CPU backend's numbers: the sharding,
+  the buffer sizes and the live ranges are real, but the CPU compiler may fuse and upcast (bf16 -> f32)
+  differently from a GPU or TPU one, so treat them as an estimate of the same order as the analytic one.
+
+The inference step is ``Decoder._prefill_impl`` (B x L prompt tokens, text only, into a KV cache of L +
+max_new_tokens slots) and one ``Decoder._step_impl`` decode step with the cache donated. The training step is
+forward + backward with ``AriaModel(remat=True)`` (each decoder layer recomputed), next-token cross-entropy and an
+optax AdamW update; params are float32 master weights cast to ``--dtype`` for compute, and the Adam moments are
+sharded like the params.
+
+Analytic formulas (per device; ``b`` = batch rows per device = B / data, ``c`` = compute dtype bytes, heads and
+vocabulary divided by the ``tensor`` axis, expert weights by the ``expert`` axis):
+
+- parameters: sum over arrays of ``size * itemsize / (product of the mesh axes the array is split over)``;
+- Adam state: two float32 moments per parameter, sharded like it; gradients: one float32 per parameter;
+  compute copy: the params cast to ``--dtype`` (none for float32);
+- KV cache: ``2 * layers * b * slots * kv_heads * head_dim * c``;
+- activations, a rough bound on what is live at the peak, per layer working set ``W(T, S)`` for T query
+  tokens against S keys: attention scores + probabilities ``b*H*T*S*(4+4+c)``, q/k/v/attention output
+  ``4*b*T*H*hd*c``, routed experts ``b*T*k*(2*D + 3*F)*c``, shared experts ``3*b*T*F_shared*c``, and
+  ``4*b*T*D*c`` of residual/norm temporaries;
+  inference: ``max(W(L, slots) + b*V*4 (last-token logits), W(1, slots))``;
+  training (remat): ``layers * b*L*D*c`` saved layer inputs + ``2 * W(L, L)`` (recomputed forward and its
+  backward) + ``b*L*V*(c + 4 + 4)`` (logits, float32 log-softmax and its gradient).
+
+Exit status: 0 when every planned step fits ``--hbm``, 1 when one does not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax._src import xla_bridge
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from aria_jax import runtime
+from aria_jax.cli.checkpoints import fmt_count
+from aria_jax.config import PRESETS, AriaConfig
+from aria_jax.errors import InputError
+from aria_jax.files import check_writable_file, parse_size, resolve_model, write_json_atomic
+from aria_jax.inference.generation import Decoder, StopRule
+from aria_jax.inference.sampling import SamplingConfig
+from aria_jax.model.aria import AriaModel
+from aria_jax.model.schema import declared_params, parameter_counts
+from aria_jax.parallel.sharding import make_mesh, parse_mesh_spec, partition_spec
+
+CHILD_ENV = "ARIA_JAX_PLAN_CHILD"
+GIB = 2**30
+
+
+class PlanError(InputError):
+    """Bad input to the planner (exit status 2)."""
+
+
+def ensure_cpu_devices(n: int) -> bool:
+    """Ask for ``n`` virtual CPU devices; False when the JAX backend is already up with too few (or not CPU)."""
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+    return runtime.platform() == "cpu" and jax.device_count() >= n
+
+
+def load_config(model: str) -> AriaConfig:
+    if model in PRESETS:
+        return AriaConfig.preset(model)
+    return AriaConfig.from_pretrained(resolve_model(model))
+
+
+# -- shapes, shardings and the analytic estimate ---------------------------------------------------------------
+
+
+def _path(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def abstract_tree(cfg: AriaConfig, dtype: jnp.dtype, mesh: Mesh, fsdp: bool = False) -> dict:
+    """The params as ShapeDtypeStructs with their target NamedShardings on ``mesh`` (one abstract init)."""
+    shapes, logical = declared_params(cfg, dtype)
+    flat_logical = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P))
+    flat = jax.tree_util.tree_leaves_with_path(shapes)
+    leaves = []
+    for (path, leaf), spec in zip(flat, flat_logical, strict=True):
+        sharding = NamedSharding(mesh, partition_spec(tuple(spec), leaf.shape, mesh, _path(path), fsdp))
+        leaves.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding))
+    return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
+
+
+def shard_bytes(x: jax.ShapeDtypeStruct, itemsize: int | None = None) -> int:
+    """Per-device bytes of one array: size * itemsize / the product of the mesh axes its spec names."""
+    mesh, spec = x.sharding.mesh, x.sharding.spec
+    ways = math.prod(mesh.shape[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry))
+    return math.prod(x.shape) * (itemsize or jnp.dtype(x.dtype).itemsize) // ways
+
+
+def params_bytes(tree: dict, itemsize: int | None = None) -> dict[str, int]:
+    """Per-device parameter bytes: total, routed experts, and the rest."""
+    routed = other = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        n = shard_bytes(leaf, itemsize)
+        if _path(path).split(".")[-1] in ("gate_up", "down") and ".mlp." in f".{_path(path)}.":
+            routed += n
+        else:
+            other += n
+    return {"total": routed + other, "routed_experts": routed, "other": other}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Per-device work sizes for the activation formulas."""
+
+    rows: int  # batch rows per device
+    c: int  # compute dtype bytes
+    heads: int  # query heads per device
+    vocab: int  # vocabulary entries per device
+
+
+def _layer_working_set(cfg: AriaConfig, s: Shape, t: int, keys: int) -> int:
+    tc = cfg.text
+    scores = s.rows * s.heads * t * keys * (4 + 4 + s.c)
+    qkvo = 4 * s.rows * t * s.heads * tc.head_dim * s.c
+    routed = s.rows * t * tc.moe_topk * (2 * tc.hidden_size + 3 * tc.intermediate_size) * s.c
+    shared = 3 * s.rows * t * tc.shared_intermediate_size * s.c
+    residual = 4 * s.rows * t * tc.hidden_size * s.c
+    return scores + qkvo + routed + shared + residual
+
+
+def kv_cache_bytes(cfg: AriaConfig, s: Shape, slots: int, kv_heads: int) -> int:
+    return 2 * cfg.text.num_hidden_layers * s.rows * slots * kv_heads * cfg.text.head_dim * s.c
+
+
+def inference_activations(cfg: AriaConfig, s: Shape, seq: int, slots: int) -> int:
+    prefill = _layer_working_set(cfg, s, seq, slots) + s.rows * s.vocab * 4
+    return max(prefill, _layer_working_set(cfg, s, 1, slots))
+
+
+def training_activations(cfg: AriaConfig, s: Shape, seq: int) -> int:
+    saved = cfg.text.num_hidden_layers * s.rows * seq * cfg.text.hidden_size * s.c
+    return saved + 2 * _layer_working_set(cfg, s, seq, seq) + s.rows * seq * s.vocab * (s.c + 4 + 4)
+
+
+# -- the compiled steps ----------------------------------------------------------------------------------------
+
+
+_PARAM = re.compile(r"^\s*(%[\w.-]+) = (\w+)\[[\d,]*\]\S* parameter\(\d+\)")
+_UPCAST = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = f32\[([\d,]*)\]\S* (convert|fusion)\((%[\w.-]+)\)(.*)$")
+
+
+def cpu_upcast_bytes(hlo: str) -> int:
+    """Bytes of float32 copies of whole bf16/f16 arguments in the entry computation of a compiled CPU module.
+
+    The CPU compiler has no native bf16 matmul, so it converts each bf16 weight (and cache) argument to f32 once,
+    outside the layer loop; a GPU or TPU compiler does not. These copies are counted in ``temp``.
+    """
+    entry = hlo[hlo.find("\nENTRY") :]
+    params: dict[str, str] = {}
+    total = 0
+    for line in entry.splitlines()[1:]:
+        if line.startswith("}"):
+            break
+        if m := _PARAM.match(line):
+            params[m.group(1)] = m.group(2)
+        elif (m := _UPCAST.match(line)) and params.get(m.group(3)) in ("bf16", "f16"):
+            if m.group(2) == "convert" or "wrapped_convert" in m.group(4):
+                total += 4 * math.prod(int(d) for d in m.group(1).split(",") if d)
+    return total
+
+
+def memory_stats(compiled) -> dict[str, int] | None:
+    """Per-device argument/output/alias/temp bytes from XLA, peak = args + out - alias + temp, and the CPU-only
+    f32 copies of bf16 arguments (``cpu_upcast``; ``peak_accelerator`` = peak without them); None if absent."""
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if m is None:
+        return None
+    keys = ("argument", "output", "alias", "temp")
+    stats = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in keys}
+    stats["peak"] = stats["argument"] + stats["output"] - stats["alias"] + stats["temp"]
+    stats["cpu_upcast"] = min(stats["temp"], cpu_upcast_bytes(compiled.as_text()))
+    stats["peak_accelerator"] = stats["peak"] - stats["cpu_upcast"]
+    return stats
+
+
+def _batch_spec(mesh: Mesh, batch: int) -> P:
+    data = mesh.shape.get("data", 1)
+    if batch % data:
+        raise PlanError(f"--batch {batch} does not divide over mesh axis 'data' of size {data}")
+    return P("data" if data > 1 else None)
+
+
+def _sds(shape: tuple[int, ...], dtype, mesh: Mesh, spec: P) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _state_shardings(state: dict, mesh: Mesh, batch: int, kv_spec: P) -> dict:
+    """Decoder state: the cache as ``kv_spec``, per-row arrays split like the batch, scalars replicated."""
+    rows = _batch_spec(mesh, batch)
+
+    def one(path, x):
+        if _path(path).startswith("cache"):
+            return NamedSharding(mesh, kv_spec)
+        return NamedSharding(mesh, P(*rows) if x.ndim and x.shape[0] == batch else P())
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def compile_inference(cfg: AriaConfig, mesh: Mesh, params: dict, dtype, batch: int, seq: int, max_new: int) -> dict:
+    eos = cfg.text.eos_token_id
+    rule = StopRule(tuple(eos) if isinstance(eos, tuple) else (() if eos is None else (eos,)),
+                    cfg.text.pad_token_id or 0, max_new)
+    decoder = Decoder(AriaModel(cfg, dtype=dtype, mesh=mesh, runtime=runtime.detect()))
+    slots, sampling = seq + max_new, SamplingConfig()
+    rows = _batch_spec(mesh, batch)
+    tensor = mesh.shape.get("tensor", 1)
+    kv_spec = P(None, *rows, "tensor" if tensor > 1 else None, None, None)  # (L, B, kv_heads, ., .)
+
+    def prefill(params, input_ids, attention_mask):
+        return decoder._prefill_impl(params, input_ids, attention_mask, None, None, jax.random.key(0),
+                                     cache_len=slots, sampling=sampling, rule=rule)
+
+    ids = _sds((batch, seq), jnp.int32, mesh, P(*rows, None))
+    state = jax.eval_shape(prefill, params, ids, ids)
+    state_sh = _state_shardings(state, mesh, batch, kv_spec)
+    out = {}
+    start = time.perf_counter()
+    compiled = jax.jit(prefill, out_shardings=state_sh, keep_unused=True).lower(params, ids, ids).compile()
+    out["prefill"] = memory_stats(compiled)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    step = jax.jit(functools.partial(decoder._step_impl, sampling=sampling, rule=rule),
+                   out_shardings=state_sh, donate_argnums=(1,), keep_unused=True)
+    out["decode"] = memory_stats(step.lower(params, abstract_state).compile())
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def compile_training(cfg: AriaConfig, mesh: Mesh, params: dict, dtype, batch: int, seq: int) -> dict:
+    """forward + backward (remat) + AdamW on float32 ``params``, computing in ``dtype``."""
+
+    module = AriaModel(cfg, dtype=dtype, mesh=mesh, remat=True, runtime=runtime.detect())
+    tx = optax.adamw(1e-5, weight_decay=0.1)
+    replicated = NamedSharding(mesh, P())
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    state = jax.eval_shape(tx.init, params)
+    state_sh = optax.tree_map_params(tx, lambda _, s: s, state, param_sh,
+                                     transform_non_params=lambda _: replicated)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+
+    def loss_fn(params, input_ids, attention_mask):
+        compute = jax.tree.map(lambda p: p.astype(dtype), params)
+        logits = module.apply({"params": compute}, input_ids, attention_mask).logits
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+        mask = attention_mask[:, 1:].astype(jnp.float32)
+        return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+    def train_step(params, opt_state, input_ids, attention_mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, input_ids, attention_mask)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    ids = _sds((batch, seq), jnp.int32, mesh, P(*_batch_spec(mesh, batch), None))
+    step = jax.jit(train_step, out_shardings=(param_sh, state_sh, replicated), donate_argnums=(0, 1),
+                   keep_unused=True)
+    start = time.perf_counter()
+    stats = memory_stats(step.lower(params, opt_state, ids, ids).compile())
+    return {"step": stats, "seconds": time.perf_counter() - start}
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+
+def _gib(n: int | None) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most); "n/a" when unknown."""
+    if n is None:
+        return "n/a"
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _row(label: str, *cells: str) -> str:
+    return f"  {label:<44}" + "".join(f"{c:>18}" for c in cells)
+
+
+_XLA_ROWS = (
+    ("XLA arguments", "argument"),
+    ("XLA outputs", "output"),
+    ("XLA aliased (donated)", "alias"),
+    ("XLA temporaries", "temp"),
+    ("  of which CPU-only f32 copies of bf16 args", "cpu_upcast"),
+    ("XLA peak = args + out - alias + temp", "peak"),
+    ("XLA peak without the CPU-only copies", "peak_accelerator"),
+)
+
+
+def _xla_rows(*stats: dict[str, int] | None) -> list[str]:
+    return [_row(label, "", *(_gib(s and s[key]) for s in stats)) for label, key in _XLA_ROWS]
+
+
+def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
+    """(report lines, machine-readable report, fits) for parsed CLI ``args``."""
+    cfg = load_config(args.model)
+    mesh = make_mesh(args.mesh, jax.devices()[: math.prod(parse_mesh_spec(args.mesh).values())])
+    dtype = jnp.dtype(args.dtype)
+    hbm = parse_size(args.hbm, "--hbm", PlanError, unit_required=True)
+    data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
+    batch = args.batch if args.batch is not None else data
+    if batch < 1 or args.seq < 2 or args.max_new_tokens < 1:
+        raise PlanError("--batch must be >= 1, --seq >= 2 and --max-new-tokens >= 1")
+    _batch_spec(mesh, batch)
+    counts = parameter_counts(cfg)
+    shape = Shape(batch // data, dtype.itemsize, cfg.text.num_attention_heads // tensor, cfg.text.vocab_size // tensor)
+    kv_heads = cfg.text.num_key_value_heads // tensor
+    mesh_text = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    lines = [
+        f"model {args.model}: {counts['total']:,} parameters ({fmt_count(counts['total'])}), "
+        f"{fmt_count(counts['active_per_token'])} active per text token",
+        f"mesh {mesh_text} ({mesh.size} virtual CPU devices), compute dtype {dtype.name}, "
+        f"batch {batch} ({shape.rows} per device), seq {args.seq}, HBM {args.hbm} = {hbm / GIB:.2f} GiB per device",
+    ]
+    report: dict[str, Any] = {"model": args.model, "mesh": dict(mesh.shape), "dtype": dtype.name, "batch": batch,
+                              "seq": args.seq, "hbm_bytes": hbm, "parameters": counts}
+    fits = True
+
+    def verdict(name: str, analytic: int, compiled: int | None) -> None:
+        nonlocal fits
+        worst = max(analytic, compiled or 0)
+        ok = worst <= hbm
+        fits &= ok
+        lines.append(f"  {name}: {'fits' if ok else 'DOES NOT FIT'} in {args.hbm}: needs {_gib(worst)} of "
+                     f"{_gib(hbm)} ({100 * worst / hbm:.0f}%; the larger of analytic and compiled without CPU copies)")
+        report[name]["fits"] = ok
+
+    if args.mode in ("infer", "both"):
+        slots = args.seq + args.max_new_tokens
+        params = abstract_tree(cfg, dtype, mesh)
+        pb = params_bytes(params)
+        kv = kv_cache_bytes(cfg, shape, slots, kv_heads)
+        act = inference_activations(cfg, shape, args.seq, slots)
+        analytic = {"params": pb["total"], "routed_experts": pb["routed_experts"], "kv_cache": kv,
+                    "activations": act, "total": pb["total"] + kv + act}
+        compiled = compile_inference(cfg, mesh, params, dtype, batch, args.seq, args.max_new_tokens)
+        pre, dec = compiled["prefill"], compiled["decode"]
+        peak = max(pre["peak_accelerator"], dec["peak_accelerator"]) if pre and dec else None
+        report["inference"] = {"analytic": analytic, "compiled": compiled}
+        lines += [
+            "",
+            f"inference: prefill {batch} x {args.seq} tokens into a {slots}-slot KV cache, then one decode step "
+            f"(params {dtype.name}; compiled in {compiled['seconds']:.0f} s)",
+            _row("per device", "analytic", "compiled prefill", "compiled decode"),
+            _row(f"parameters (routed experts {_gib(pb['routed_experts'])})", _gib(pb["total"])),
+            _row("KV cache", _gib(kv)),
+            _row("activations / temporaries", _gib(act)),
+            _row("total", _gib(analytic["total"])),
+            *_xla_rows(pre, dec),
+        ]
+        verdict("inference", analytic["total"], peak)
+
+    if args.mode in ("train", "both"):
+        params = abstract_tree(cfg, jnp.float32, mesh, getattr(args, "fsdp", False))
+        pb = params_bytes(params)
+        adam = 2 * pb["total"]
+        copy = 0 if dtype == jnp.float32 else params_bytes(params, dtype.itemsize)["total"]
+        act = training_activations(cfg, shape, args.seq)
+        analytic = {"params": pb["total"], "routed_experts": pb["routed_experts"], "adam": adam,
+                    "grads": pb["total"], "compute_copy": copy, "activations": act}
+        analytic["total"] = sum(v for k, v in analytic.items() if k != "routed_experts")
+        compiled = compile_training(cfg, mesh, params, dtype, batch, args.seq)
+        st = compiled["step"]
+        report["train"] = {"analytic": analytic, "compiled": compiled}
+        lines += [
+            "",
+            f"training: forward + backward (remat per layer) + AdamW on {batch} x {args.seq} tokens "
+            f"(float32 master params, {dtype.name} compute; compiled in {compiled['seconds']:.0f} s)",
+            _row("per device", "analytic", "compiled step"),
+            _row(f"parameters f32 (routed experts {_gib(pb['routed_experts'])})", _gib(pb["total"])),
+            _row("AdamW moments (2 x f32)", _gib(adam)),
+            _row("gradients (f32)", _gib(pb["total"])),
+            _row(f"params cast to {dtype.name}", _gib(copy)),
+            _row("activations (remat)", _gib(act)),
+            _row("total", _gib(analytic["total"])),
+            *_xla_rows(st),
+        ]
+        verdict("train", analytic["total"], st and st["peak_accelerator"])
+    report["fits"] = fits
+    return lines, report, fits
+
+
+def cmd_plan(args) -> int:
+    needed = math.prod(parse_mesh_spec(args.mesh).values())  # MeshError (exit 2) before anything heavy
+    parse_size(args.hbm, "--hbm", PlanError, unit_required=True)
+    if args.json:
+        check_writable_file(args.json, PlanError)  # not after a minute of compiling
+    if not ensure_cpu_devices(needed):
+        if os.environ.get(CHILD_ENV):
+            raise PlanError(f"mesh '{args.mesh}' needs {needed} CPU devices but JAX started with "
+                            f"{jax.device_count()} {runtime.platform()} device(s)")
+        # The backend is already up with too few devices: plan in a fresh process that can ask for them.
+        return subprocess.call([sys.executable, "-m", "aria_jax.cli", *args.argv], env={**os.environ, CHILD_ENV: "1"})
+    lines, report, fits = run_plan(args)
+    print("\n".join(lines))
+    if args.json:
+        write_json_atomic(args.json, report, indent=1)
+    return 0 if fits else 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="per-device memory of inference and training on a mesh (abstract compile, allocates nothing)",
+        description="Plan the per-device memory of the inference step (prefill + one decode step) and the "
+        "training step (forward + backward with remat + AdamW, float32 master weights) on a device mesh. The "
+        "steps are compiled for virtual CPU devices from abstract arrays; nothing is allocated. Prints an "
+        "analytic estimate next to XLA's memory analysis. Exit status: 0 fits, 1 does not fit --hbm, "
+        "2 bad input.",
+    )
+    p.add_argument("--model", required=True, help="a preset (aria, tiny), a model directory or a hub id")
+    p.add_argument("--mesh", required=True, help="mesh like 'expert=8' or 'data=4,expert=8' (axes data, expert, "
+                   "tensor)")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both", help="which steps (both)")
+    p.add_argument("--batch", type=int, default=None, help="global batch rows (default: the data axis size)")
+    p.add_argument("--seq", type=int, default=4096, help="prompt / training sequence length (4096)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="decode tokens the KV cache holds (256)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="compute dtype; inference params are stored in it too (bfloat16)")
+    p.add_argument("--hbm", default="80GB", help="memory per device, e.g. 80GB, 95GB, 16GiB (80GB)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="training: also shard every weight (and its gradient and Adam state) over the data axis")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
+    p.set_defaults(func=cmd_plan)

@@ -1,0 +1,22 @@
+"""Matrix products with a CPU-specific form: a single row times a weight as a batch of partial matvecs.
+
+XLA:CPU runs one matvec on one core but a batch of them on all cores (bench/HISTORY.md, session 6), so
+``aria_jax.runtime`` sets ``matvec_split`` to 2 on CPU and 1 elsewhere; the model passes it here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, split: int = 1) -> jax.Array:
+    """``x`` (..., *in) times ``w`` (*in, *out), contracting the last ``n_in`` axes of x with the first of w. A single
+    row with ``split`` > 1 runs as ``split`` partial matvecs over slices of the contraction, summed."""
+    size_in = math.prod(w.shape[:n_in])
+    if math.prod(x.shape[:-n_in]) != 1 or split == 1 or size_in % split:
+        return jnp.tensordot(x, w, n_in)
+    parts = jnp.einsum("sk,skn->sn", x.reshape(split, size_in // split), w.reshape(split, size_in // split, -1))
+    return parts.sum(0).reshape(*x.shape[:-n_in], *w.shape[n_in:])

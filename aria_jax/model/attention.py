@@ -1,0 +1,93 @@
+"""Text self-attention: RoPE, causal + padding masks, GQA/MHA, over the whole sequence or a KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aria_jax.config import AriaTextConfig
+from aria_jax.kernels.matmul import project
+from aria_jax.model.kv_cache import LayerCache, cache_read, cache_write
+from aria_jax.model.layers import lora_delta, masked_softmax, param
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin (B, T, head_dim) computed in float32, then cast to the activation dtype as transformers does."""
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (jnp.float32(theta) ** exponent)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Non-interleaved rotary embedding on (B, T, N, H): ``x*cos + rotate_half(x)*sin``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def causal_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, offset: int = 0) -> jax.Array:
+    """(B, 1, Tq, Tk) boolean: causal (query i at absolute position offset+i) and not a padded key."""
+    q_pos = offset + jnp.arange(q_len)
+    causal = q_pos[:, None] >= jnp.arange(kv_len)[None, :]
+    mask = jnp.broadcast_to(causal, (batch, q_len, kv_len))
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, :kv_len].astype(bool)
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    config: AriaTextConfig
+    dtype: jnp.dtype = jnp.float32
+    matvec_split: int = 1  # Runtime.matvec_split (kernels.matmul.project)
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: LayerCache | None = None,
+        index=None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Self-attention over ``x``, or, given a KV cache, over the cache with ``x``'s keys written at ``index``."""
+        cfg = self.config
+        d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        wq = param(self, "q_kernel", (d, nh, hd), ("embed", "q_heads", "head_dim"), self.dtype)
+        wk = param(self, "k_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
+        wv = param(self, "v_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
+        wo = param(self, "o_kernel", (nh, hd, d), ("q_heads", "head_dim", "embed"), self.dtype)
+        split = self.matvec_split
+        q = apply_rope(project(x, wq, split=split) + lora_delta(self, "q_kernel", x, 1), cos, sin)
+        k = apply_rope(project(x, wk, split=split) + lora_delta(self, "k_kernel", x, 1), cos, sin)
+        v = project(x, wv, split=split) + lora_delta(self, "v_kernel", x, 1)
+        if cache is not None:
+            out, cache = _attend_cached(q, k, v, mask, cache, index)
+        else:
+            out = _attend(q, k, v, mask)
+        return project(out, wo, 2, split=split) + lora_delta(self, "o_kernel", out, 2), cache
+
+
+def _attend_cached(q, k, v, mask, cache, index):
+    """Attention over the KV cache after writing ``k``, ``v`` at ``index``."""
+    cache = cache_write(cache, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), index)  # the cache's layouts
+    k, v = cache_read(cache, q.dtype)
+    b, t, nh, hd = q.shape
+    nkv = k.shape[1]
+    # Query head n uses kv head n // (nh / nkv), as transformers' repeat_kv.
+    q = q.reshape(b, t, nkv, nh // nkv, hd)
+    scores = jnp.einsum("btkgh,bkhs->bkgts", q, k) * (hd**-0.5)
+    probs = masked_softmax(scores, mask[:, :, None], q.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, nh, hd), cache
+
+
+def _attend(q, k, v, mask):
+    """Attention without a cache (prefill of a whole sequence, training): batch and kv head lead every operand, so
+    both matmuls and their gradients are plain batched matmuls (XLA:CPU transposed the mixed layouts per call)."""
+    b, t, nh, hd = q.shape
+    nkv = k.shape[2]
+    g = nh // nkv  # query head n uses kv head n // g, as transformers' repeat_kv
+    q = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, hd)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q, k) * (hd**-0.5)
+    probs = masked_softmax(scores.reshape(b, nkv, g, t, -1), mask[:, :, None], q.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, nkv, g * t, -1), v)
+    return out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, nh, hd)

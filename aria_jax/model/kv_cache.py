@@ -1,0 +1,77 @@
+"""The decoder's KV cache: preallocated, float or int8 with per-vector scales, as a typed pytree."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from aria_jax.config import AriaTextConfig
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """Keys (..., B, kv_heads, head_dim, S) and values (..., B, kv_heads, S, head_dim): the layouts the two attention
+    matmuls read, so a decode step appends one column / row and never transposes the cache. The leading ``...`` is
+    the layer axis of a stacked cache (scanned layers) and absent in a per-layer one. int8 caches carry float32
+    scales per (row, kv head, position): ``k_scale`` (..., 1, S), ``v_scale`` (..., S, 1)."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+
+# One LayerCache with a leading layer axis (the stacked parameter layout), or a tuple of one per layer.
+KVCache = LayerCache | tuple[LayerCache, ...]
+
+
+def _quantize(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 per vector along ``axis`` (head_dim): (int8 values, float32 scales with that axis kept)."""
+    scale = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axis, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8), scale
+
+
+def cache_write(cache: LayerCache, k: jax.Array, v: jax.Array, index) -> LayerCache:
+    """Write keys (B, kv, hd, T) and values (B, kv, T, hd) at slot ``index``; int8 caches also store scales."""
+    put = jax.lax.dynamic_update_slice_in_dim
+    if cache.k_scale is None:
+        return cache.replace(k=put(cache.k, k.astype(cache.k.dtype), index, axis=3),
+                             v=put(cache.v, v.astype(cache.v.dtype), index, axis=2))
+    (qk, sk), (qv, sv) = _quantize(k, axis=2), _quantize(v, axis=3)
+    return LayerCache(put(cache.k, qk, index, axis=3), put(cache.v, qv, index, axis=2),
+                      put(cache.k_scale, sk, index, axis=3), put(cache.v_scale, sv, index, axis=2))
+
+
+def cache_read(cache: LayerCache, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    if cache.k_scale is None:
+        return cache.k.astype(dtype), cache.v.astype(dtype)
+    return ((cache.k.astype(jnp.float32) * cache.k_scale).astype(dtype),
+            (cache.v.astype(jnp.float32) * cache.v_scale).astype(dtype))
+
+
+def cache_length(cache: KVCache) -> int:
+    """The number of slots (S)."""
+    return (cache[0] if isinstance(cache, tuple) else cache).k.shape[-1]
+
+
+def init_cache(
+    cfg: AriaTextConfig, batch: int, length: int, dtype: jnp.dtype, per_layer: bool = False, kv_int8: bool = False
+) -> KVCache:
+    """A zeroed KV cache of ``length`` slots for every layer: one ``LayerCache`` with a leading layer axis, or with
+    ``per_layer`` (the per-layer parameter layouts) a tuple of one per layer.
+
+    ``kv_int8``: keys and values stored as int8 with a float32 scale per (row, kv head, position), symmetric over
+    head_dim; a quarter of a float32 cache's bytes plus 1/head_dim for the scales. The attention reads them
+    dequantized.
+    """
+    kv, hd, n = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    shapes = {"k": (batch, kv, hd, length), "v": (batch, kv, length, hd)}
+    dtypes = {"k": dtype, "v": dtype}
+    if kv_int8:
+        shapes.update(k_scale=(batch, kv, 1, length), v_scale=(batch, kv, length, 1))
+        dtypes = {"k": jnp.int8, "v": jnp.int8, "k_scale": jnp.float32, "v_scale": jnp.float32}
+    if per_layer:
+        return tuple(LayerCache(**{k: jnp.zeros(s, dtypes[k]) for k, s in shapes.items()}) for _ in range(n))
+    return LayerCache(**{k: jnp.zeros((n, *s), dtypes[k]) for k, s in shapes.items()})

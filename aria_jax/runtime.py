@@ -1,0 +1,88 @@
+"""The platform's choices in one place: which kernels, parameter layout and compiler options a model or a training
+run uses.
+
+``detect()`` reads the platform (the only call of ``jax.default_backend()`` in aria_jax) and decides once:
+
+- ``experts``: the routed experts' kernel for many rows: ``blocked`` (CPU: each expert's rows in chunks, few wasted
+  FLOPs; ``ragged_dot`` lowers to an E-times dense matmul there) or ``ragged`` (``jax.lax.ragged_dot``: GPU/TPU).
+  A few rows (decode: tokens x top-k <= experts) always use ``gather``, which reads only the chosen experts.
+- ``layout``: the parameter layout for inference: ``unrolled`` (one array per layer and per expert) on one CPU
+  device, where XLA copies every slice of a stacked weight before reading it; ``stacked`` elsewhere.
+- ``scan_layers``: training's decoder layers as one ``nn.scan`` over stacked parameters (GPU/TPU: bounded compile
+  time) or one parameter tree per layer (CPU: the per-layer slices of a scan are copies there).
+- ``matvec_split``: a single row times a weight runs as this many partial matvecs (CPU: 2, one per core; XLA:CPU
+  runs one matvec on one core), 1 elsewhere.
+- ``decode_options``: XLA compiler options for the decode loop (CPU: Eigen dots, about twice as fast as YNNPACK for
+  the few-row matmuls of a decode step), none elsewhere.
+
+``Aria`` and training take a ``Runtime`` (``detect()`` unless the user gives one or overrides fields with
+``Runtime.replace``), say which in their stats and logs (``describe``), and pass it down: model and kernel code read
+its fields and never look at the platform themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+EXPERT_KERNELS = ("blocked", "ragged", "gather", "dense")
+INFERENCE_LAYOUTS = ("stacked", "unrolled")
+# XLA:CPU's switch from YNNPACK to its Eigen dots, faster for few-row matmuls (bench/HISTORY.md, session 7); single-row
+# matvecs run the same; prefill and training keep YNNPACK, faster for many rows.
+CPU_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_REDUCE"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """The choices ``detect`` makes for a platform; the defaults are the portable ones (no CPU-only forms)."""
+
+    platform: str = "any"
+    experts: str = "ragged"
+    layout: str = "stacked"
+    scan_layers: bool = True
+    matvec_split: int = 1
+    decode_options: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.experts not in EXPERT_KERNELS:
+            raise ValueError(f"unknown experts kernel '{self.experts}'; choose one of {', '.join(EXPERT_KERNELS)}")
+        if self.layout not in INFERENCE_LAYOUTS:
+            raise ValueError(f"unknown layout '{self.layout}'; choose one of {', '.join(INFERENCE_LAYOUTS)}")
+        if isinstance(self.matvec_split, bool) or not isinstance(self.matvec_split, int) or self.matvec_split < 1:
+            raise ValueError(f"matvec_split must be an integer >= 1, got {self.matvec_split!r}")
+
+    def replace(self, **changes) -> Runtime:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.decode_options) or "none"
+        return (f"{self.platform}: experts {self.experts} (gather for a few rows), layout {self.layout}, "
+                f"scan_layers {str(self.scan_layers).lower()}, matvec split {self.matvec_split}, "
+                f"decode compiler options {options}")
+
+
+def platform() -> str:
+    """``cpu``, ``gpu`` or ``tpu``: the platform JAX runs on (the one place aria_jax asks)."""
+    return jax.default_backend()
+
+
+@functools.cache
+def detect() -> Runtime:
+    """The choices for the platform JAX runs on (see the module docstring)."""
+    name = platform()
+    if name == "cpu":
+        return Runtime(name, experts="blocked", layout="unrolled", scan_layers=False, matvec_split=2,
+                       decode_options=_accepted(CPU_DECODE_OPTIONS))
+    return Runtime(name)
+
+
+def _accepted(options: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``options`` when this XLA compiles with them (they are experimental), else none."""
+    try:
+        jax.jit(lambda x: x @ x, compiler_options=dict(options)).lower(jnp.ones((2, 2))).compile()
+    except Exception:  # an XLA without these options: keep its defaults
+        return ()
+    return options
