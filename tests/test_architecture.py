@@ -20,7 +20,9 @@ LAYERS = (
     ("aria_jax.training",),
     ("aria_jax.cli",),
 )
-OPTIONAL = ("torch", "transformers", "huggingface_hub")  # may be imported inside functions: not needed to run Aria
+# may be imported inside functions: not needed to run Aria; tensorboardX only when a run writes TensorBoard events
+# (it imports torch whenever torch is installed)
+OPTIONAL = ("torch", "transformers", "huggingface_hub", "tensorboardX")
 FACE = "aria_jax"  # aria_jax/__init__.py re-exports Aria, AriaConfig, AriaProcessor: above every layer
 
 

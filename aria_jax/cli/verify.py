@@ -95,7 +95,7 @@ def verify_conversion(
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        return {"skipped": "torch/transformers are not installed; --verify needs both (pip install torch transformers)"}
+        return {"skipped": "torch/transformers are not installed; --verify needs both (pip install 'aria-jax[verify]')"}
 
     batch = fixed_prompt(cfg)
     ours = np.asarray(Aria.from_pretrained(directory, dtype=dtype, mesh=mesh).forward(**batch), np.float32)

@@ -6,8 +6,6 @@ import contextlib
 import json
 import os
 
-from tensorboardX import SummaryWriter
-
 from aria_jax.files import write_atomic
 
 
@@ -32,6 +30,9 @@ class MetricsLog:
                 kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
             write_atomic(self.path, b"".join(kept))
         try:
+            # imported here: tensorboardX imports torch when installed (~190 MB of RSS and its OpenMP threads in
+            # every process that merely imports the trainer; measured in bench/README.md, issue 19)
+            from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         except ImportError:
