@@ -64,6 +64,32 @@ class Runtime:
                 f"decode compiler options {options}")
 
 
+def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
+    """``base`` (default ``detect()``) with the fields a user named in ``spec``: ``"experts=ragged,layout=stacked,
+    matvec_split=1,decode_options=none"`` (the CLI's ``--runtime``). ValueError naming a bad key or value."""
+    runtime = base or detect()
+    if not spec:
+        return runtime
+    changes: dict = {}
+    for item in spec.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not value:
+            raise ValueError(f"runtime override '{item.strip()}' is not KEY=VALUE")
+        if key in ("experts", "layout"):
+            changes[key] = value
+        elif key == "matvec_split":
+            if not value.isdigit():
+                raise ValueError(f"runtime matvec_split must be an integer >= 1, got '{value}'")
+            changes[key] = int(value)
+        elif key == "decode_options":
+            if value != "none":
+                raise ValueError(f"runtime decode_options can only be turned off ('none'), got '{value}'")
+            changes[key] = ()
+        else:
+            raise ValueError(f"unknown runtime key '{key}'; known: experts, layout, matvec_split, decode_options")
+    return runtime.replace(**changes)
+
+
 def platform() -> str:
     """``cpu``, ``gpu`` or ``tpu``: the platform JAX runs on (the one place aria_jax asks)."""
     return jax.default_backend()

@@ -21,8 +21,8 @@ LAYERS = (
     ("aria_jax.cli",),
 )
 # may be imported inside functions: not needed to run Aria; tensorboardX only when a run writes TensorBoard events
-# (it imports torch whenever torch is installed)
-OPTIONAL = ("torch", "transformers", "huggingface_hub", "tensorboardX")
+# (it imports torch whenever torch is installed); wandb is not a dependency at all
+OPTIONAL = ("torch", "transformers", "huggingface_hub", "tensorboardX", "wandb")
 FACE = "aria_jax"  # aria_jax/__init__.py re-exports Aria, AriaConfig, AriaProcessor: above every layer
 
 

@@ -15,6 +15,7 @@ from aria_jax.inference.api import Aria
 from aria_jax.inference.image_processor import load_image
 from aria_jax.inference.processor import ChatTemplateError, ChatTemplateRejected
 from aria_jax.parallel import distributed
+from aria_jax.runtime import with_overrides
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-size", type=int, default=None, choices=[490, 980],
                    help="image resolution (default: the processor's, 980)")
     p.add_argument("--split-image", action="store_true", help="also feed crops of large images (more tokens)")
+    p.add_argument("--split-mode", default="hf", choices=["hf", "original"],
+                   help="the crops of --split-image: hf = transformers' split (the default); original = the "
+                        "rhymes-ai/Aria split the model was trained with (the whole image, then crops of the closest "
+                        "aspect ratio); original implies --split-image")
+    p.add_argument("--tokenizer", "--tokenizer-path", "--tokenizer_path", dest="tokenizer", default=None,
+                   metavar="PATH", help="tokenizer directory or hub id, when the model has none or should use "
+                                        "another (its chat template comes too)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as the "
+                        "original rhymes-ai/Aria trainer, PEFT or train.py write it), merged into the weights")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=8,data=1" (default: one device)')
+    p.add_argument("--runtime", default=None, metavar="KEY=VALUE,...",
+                   help="override the platform's kernel choices (printed with the stats): experts=ragged|blocked|"
+                        "gather|dense, layout=stacked|unrolled, matvec_split=N, decode_options=none")
 
 
 def add_parsers(sub) -> None:
@@ -55,6 +69,10 @@ def add_parsers(sub) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     """Sampling options from the flags, every value checked before the (slow) load."""
+    try:
+        args.runtime = with_overrides(args.runtime)
+    except ValueError as exc:
+        raise InputError(f"--runtime: {exc}") from None
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:  # NaN fails too
@@ -72,10 +90,16 @@ def _options(args: argparse.Namespace) -> dict:
 
 def _load(args: argparse.Namespace):
     distributed.initialize()  # multi-host when JAX_COORDINATOR_ADDRESS etc. (or a TPU pod / SLURM) say so
-    model = Aria.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh)
+    model = Aria.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh, tokenizer_path=args.tokenizer,
+                                 runtime=args.runtime, adapter=args.adapter)
     if model.processor is None:
-        raise ValueError(f"{args.model}: no tokenizer files (tokenizer.json); cannot turn text into tokens")
+        raise InputError(f"{args.model}: no tokenizer files (tokenizer.json); cannot turn text into tokens "
+                         "(--tokenizer PATH names a tokenizer)")
     return model
+
+
+def _image_options(args: argparse.Namespace) -> dict:
+    return dict(max_image_size=args.max_image_size, split_image=args.split_image or None, split_mode=args.split_mode)
 
 
 def _runtime(model) -> str:
@@ -95,7 +119,7 @@ def cmd_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     main = jax.process_index() == 0  # multi-host: every process generates, process 0 prints
     if not main:
         out = io.StringIO()
-    image_opts = dict(max_image_size=args.max_image_size, split_image=args.split_image or None)
+    image_opts = _image_options(args)
     if args.raw:
         batch = model.processor(text=[args.prompt], images=images or None, **image_opts)
         tokens = model.generate(**batch, **options)[0]
@@ -147,8 +171,7 @@ def cmd_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
         pending = []
         reply = ""
         try:
-            for piece in model.chat(messages, images=images or None, stream=True, max_image_size=args.max_image_size,
-                                    split_image=args.split_image or None, **options):
+            for piece in model.chat(messages, images=images or None, stream=True, **_image_options(args), **options):
                 reply += piece
                 print(piece, end="", file=out, flush=True)
         except ChatTemplateError as e:

@@ -13,6 +13,7 @@ import numpy as np
 
 from aria_jax.checkpoint.converted import is_converted, restore_params
 from aria_jax.checkpoint.hf_keys import load_params
+from aria_jax.checkpoint.peft import load_adapter, merge_adapter
 from aria_jax.config import AriaConfig, resolve_dtype
 from aria_jax.errors import InputError
 from aria_jax.files import read_json, resolve_model
@@ -37,6 +38,9 @@ def _load(path: str, config: AriaConfig, shapes: dict, dtype: jnp.dtype, mesh) -
 
 
 LAYOUTS = ("auto", "stacked", "unrolled")
+# keyword arguments of generate(text=...) that go to the processor
+PROCESSOR_OPTIONS = ("max_image_size", "min_image_size", "split_image", "split_mode", "split_ratio",
+                     "add_special_tokens")
 
 
 def resolve_layout(layout: str, mesh, runtime: Runtime) -> str:
@@ -120,20 +124,30 @@ class Aria:
         revision: str | None = None,
         layout: str = "auto",
         runtime: Runtime | None = None,
+        tokenizer_path: str | os.PathLike | None = None,
+        adapter: str | os.PathLike | None = None,
     ) -> Aria:
         """Load an HF-format safetensors directory in any of Aria's key layouts, a converted directory, or a hub id.
 
         ``dtype`` None keeps the checkpoint's dtype (as transformers' ``dtype="auto"``). ``mesh`` (a
         ``jax.sharding.Mesh`` or a spec like ``"data=2,expert=4,tensor=1"``) places every parameter with
         ``aria_jax.parallel.sharding.param_shardings``; each device receives only its own slice.
+        ``tokenizer_path`` (a directory or hub id, ``revision`` honoured) supplies the tokenizer and its chat
+        template when they are not in the model directory or should be others, as the original's
+        ``AriaProcessor.from_pretrained(model, tokenizer_path=...)``; it is read before the weights. ``adapter``: a PEFT
+        LoRA adapter directory (aria_jax.checkpoint.peft), checked before the weights are read, merged into them.
         """
         path = resolve_model(path_or_hub_id, revision)
         config = AriaConfig.from_pretrained(path)
         dtype = resolve_dtype(dtype, config)
+        processor = load_processor(path, tokenizer_path, revision)
 
         mesh = make_mesh(mesh)
+        lora = None if adapter is None else load_adapter(adapter, config)
         params = _load(path, config, cls.param_shapes(config, dtype), dtype, mesh)
-        return cls(config, params, dtype, moe_backend, load_processor(path), read_generation_config(path), mesh,
+        if lora is not None:  # merged, so every layout, expert kernel and mesh runs it at no cost per token
+            params = merge_adapter(params, lora)
+        return cls(config, params, dtype, moe_backend, processor, read_generation_config(path), mesh,
                    layout, runtime)
 
     @functools.cached_property
@@ -266,7 +280,29 @@ class Aria:
             seed=int(seed), stop_check=stop_check, kv_cache=kv_cache,
         )
 
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, **options) -> np.ndarray:
+    def _processed(self, text, images, arrays: tuple, options: dict) -> tuple:
+        """``arrays`` as given, or ``text`` and ``images`` through the processor (its options taken out of
+        ``options``): (input_ids, attention_mask, pixel_values, pixel_mask)."""
+        processor_options = {k: options.pop(k) for k in PROCESSOR_OPTIONS if k in options}
+        if text is None:
+            if processor_options or images is not None:
+                names = ", ".join(sorted(processor_options) + (["images"] if images is not None else []))
+                raise InputError(f"{names}: processor options, for generate(text=..., images=...); with input_ids, "
+                                 "run model.processor(...) first")
+            if arrays[0] is None:
+                raise InputError("generate needs input_ids (or text=, a prompt)")
+            return arrays
+        if any(a is not None for a in arrays):
+            raise InputError("generate takes text= (with images=) or input_ids (with the other arrays), not both")
+        if self.processor is None:
+            raise InputError("text= needs a tokenizer, and this model has none (from_pretrained(..., tokenizer_path=))")
+        batch = self.processor(text=text, images=images, **processor_options)
+        return batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_mask")
+
+    def generate(
+        self, input_ids=None, attention_mask=None, pixel_values=None, pixel_mask=None, *, text=None, images=None,
+        **options,
+    ) -> np.ndarray:
         """New tokens (B, <= max_new_tokens); rows that stopped early are padded with the pad id.
 
         Options: max_new_tokens=32, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
@@ -274,16 +310,23 @@ class Aria:
         ("int8": keys and values stored as int8 with per-vector scales, a quarter of the float32 bytes). The last
         call's timing (prefill ms, decode tokens/s) is in ``last_stats``. Multi-host: as ``forward`` (same inputs on
         every process, or global arrays); every process gets the same numpy tokens.
+
+        Instead of arrays, ``text=`` (a prompt or a list, one ``<|img|>`` per image) and ``images=`` go through
+        ``self.processor`` first, with its options among ``options``: max_image_size, min_image_size, split_image,
+        split_mode ("original": the original Aria crops), split_ratio, add_special_tokens.
         """
-        plan = self._plan(input_ids, attention_mask, pixel_values, pixel_mask, **options)
+        arrays = self._processed(text, images, (input_ids, attention_mask, pixel_values, pixel_mask), options)
+        plan = self._plan(*arrays, **options)
         out, self.last_stats = self._decoder.run(**plan)
         return out
 
     def generate_stream(
-        self, input_ids, attention_mask=None, pixel_values=None, pixel_mask=None, **options
+        self, input_ids=None, attention_mask=None, pixel_values=None, pixel_mask=None, *, text=None, images=None,
+        **options,
     ) -> Iterator[np.ndarray]:
         """``generate``, yielding each step's (B,) tokens as they come; the full result is in ``last_tokens``."""
-        plan = self._plan(input_ids, attention_mask, pixel_values, pixel_mask, **options)
+        arrays = self._processed(text, images, (input_ids, attention_mask, pixel_values, pixel_mask), options)
+        plan = self._plan(*arrays, **options)
         self.last_tokens, self.last_stats = yield from self._decoder.iterate(**plan, stream=True)
 
     # -- chat ----------------------------------------------------------------------------------------------
@@ -295,20 +338,27 @@ class Aria:
         stream: bool = False,
         max_image_size: int | None = None,
         split_image: bool | None = None,
+        split_mode: str = "hf",
+        min_image_size: int | None = None,
+        split_ratio=None,
         **options,
     ):
         """Reply to a conversation: the chat template, the processor, ``generate``, and the decoded new text.
 
         ``messages`` are transformers-style dicts (``{"role": "user", "content": [{"type": "image"},
         {"type": "text", "text": "..."}]}``); ``images`` are PIL images or file paths, one per image item.
+        ``max_image_size``, ``split_image``, ``split_mode`` ("original": the original Aria crops, splitting unless
+        ``split_image=False``), ``min_image_size`` and ``split_ratio`` go to the processor.
         Generation stops at ``<|im_end|>`` (and the eos ids) unless ``stop_strings`` says otherwise.
         Returns the reply as a string, or with ``stream=True`` an iterator of text pieces.
         """
         if self.processor is None:
-            raise ValueError("chat needs a tokenizer and chat template, and this model directory has none")
+            raise InputError("chat needs a tokenizer and chat template, and this model directory has none "
+                             "(from_pretrained(..., tokenizer_path=) gives one)")
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         batch = self.processor(
-            text=[prompt], images=images or None, max_image_size=max_image_size, split_image=split_image
+            text=[prompt], images=images or None, max_image_size=max_image_size, split_image=split_image,
+            split_mode=split_mode, min_image_size=min_image_size, split_ratio=split_ratio,
         )
         options.setdefault("stop_strings", ["<|im_end|>"])
         args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_mask"))
@@ -358,8 +408,11 @@ def read_generation_config(path: str) -> dict:
     return ids
 
 
-def load_processor(path: str):
-    """The directory's AriaProcessor, or None when it has no tokenizer files."""
+def load_processor(path: str, tokenizer_path: str | os.PathLike | None = None, revision: str | None = None):
+    """The directory's AriaProcessor (with the tokenizer of ``tokenizer_path`` when given), or None when there are
+    no tokenizer files."""
+    if tokenizer_path is not None:
+        return AriaProcessor.from_pretrained(path, tokenizer_path=tokenizer_path, revision=revision)
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         return None
     return AriaProcessor.from_pretrained(path)

@@ -9,7 +9,9 @@ float32) and ``(x - mean) / std`` in float32.
 padding, tiles of M that can be smaller at the edges, no global view). ``split_mode="original"`` is the original
 Aria training-time split (``aria/model/vision_processor.py``): the ratio with the closest aspect ratio, a
 non-aspect-preserving resize to M * ratio, crops of exactly M, and the full image prepended as crop 0 when there is
-more than one crop.
+more than one crop. For RGB images its arrays are bit-identical to the original ``AriaVisionProcessor`` (held against
+a copy of its code in tests/inference/test_original_split.py); images are made RGB first, as the original's training
+code did (``Image.open(path).convert("RGB")``), with transformers' rule for transparency (composited on white).
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from aria_jax.errors import ImageError, InputError, one_line
+from aria_jax.inference.processor_options import ProcessorOptionError, check_min_image_size, check_split_mode
 
 DEFAULT_SPLIT_RATIOS: tuple[tuple[int, int], ...] = (
     (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (2, 4), (2, 3), (2, 2),
     (2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1), (7, 1), (8, 1),
 )  # fmt: skip
 VALID_MAX_SIZES = (490, 980)
-SPLIT_MODES = ("hf", "original")
 
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
 
@@ -274,40 +276,48 @@ class AriaImageProcessor:
         return cls(**values)
 
     def crops(
-        self, image: ImageLike, max_image_size: int, split_image: bool, split_mode: str = "hf"
+        self, image: ImageLike, max_image_size: int, split_image: bool, split_mode: str = "hf",
+        split_resolutions: Sequence[Sequence[int]] | None = None,
     ) -> list[np.ndarray]:
-        """The (H, W, 3) uint8 crops of one image, before the per-crop resize."""
+        """The (H, W, 3) uint8 crops of one image, before the per-crop resize (``split_resolutions`` overrides the
+        processor's own list for this call)."""
         array = to_rgb_array(image)
         if not split_image:
             return [array]
+        resolutions = self.split_resolutions if split_resolutions is None else split_resolutions
         if split_mode == "hf":
-            return split_hf(array, self.split_resolutions, max_image_size, self.resample)
-        ratios = [(h // 490, w // 490) for h, w in self.split_resolutions]
+            return split_hf(array, resolutions, max_image_size, self.resample)
+        ratios = [(h // 490, w // 490) for h, w in resolutions]
         return split_original(array, ratios, max_image_size, self.resample)
 
     def count_crops(
-        self, width: int, height: int, max_image_size: int, split_image: bool, split_mode: str = "hf"
+        self, width: int, height: int, max_image_size: int, split_image: bool, split_mode: str = "hf",
+        split_resolutions: Sequence[Sequence[int]] | None = None,
     ) -> int:
         """``len(self.crops(image, ...))`` for a ``width`` x ``height`` image, without its pixels."""
         if not split_image:
             return 1
+        resolutions = self.split_resolutions if split_resolutions is None else split_resolutions
         if split_mode == "hf":
-            best_h, best_w = select_best_resolution((height, width), self.split_resolutions)
+            best_h, best_w = select_best_resolution((height, width), resolutions)
             return math.ceil(best_h / max_image_size) * math.ceil(best_w / max_image_size)
-        ratios = [(h // 490, w // 490) for h, w in self.split_resolutions]
+        ratios = [(h // 490, w // 490) for h, w in resolutions]
         ratio_w, ratio_h = select_best_ratio_original(width, height, ratios, max_image_size)
         n = ratio_w * ratio_h
         return n + 1 if n != 1 else 1
 
-    def process_crop(self, crop: np.ndarray, max_image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def process_crop(
+        self, crop: np.ndarray, max_image_size: int, min_image_size: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Resize (aspect kept, short side >= min), pad to M x M, mask, rescale, normalise -> (3,M,M), (M,M)."""
         m = max_image_size
+        floor = self.min_image_size if min_image_size is None else min_image_size
         h, w = crop.shape[:2]
         scale = m / max(h, w)
         if w >= h:
-            new_h, new_w = max(int(h * scale), self.min_image_size), m
+            new_h, new_w = max(int(h * scale), floor), m
         else:
-            new_h, new_w = m, max(int(w * scale), self.min_image_size)
+            new_h, new_w = m, max(int(w * scale), floor)
         resized = _resize(crop, new_h, new_w, self.resample)
         chw = np.moveaxis(resized, -1, 0)
         padded = np.pad(chw, ((0, 0), (0, m - new_h), (0, m - new_w)), mode="constant", constant_values=0)
@@ -330,28 +340,36 @@ class AriaImageProcessor:
         max_image_size: int | None = None,
         split_image: bool | None = None,
         split_mode: str = "hf",
+        min_image_size: int | None = None,
+        split_resolutions: Sequence[Sequence[int]] | None = None,
     ) -> dict[str, Any]:
         """Preprocess images -> dict(pixel_values (N,3,M,M) float32, pixel_mask (N,M,M) bool, num_crops, crops).
 
         ``num_crops`` is transformers' value (the maximum over the images); ``crops`` lists each image's own count.
+        ``split_mode="original"`` splits unless ``split_image=False`` says otherwise (a mode that only chooses the
+        crops would otherwise be silently off); ``min_image_size`` and ``split_resolutions`` override the
+        processor's values for this call, as transformers' keyword arguments of the same names do.
         """
         m = self.max_image_size if max_image_size is None else max_image_size
         if isinstance(m, bool) or m not in VALID_MAX_SIZES:
-            raise ValueError(f"max_image_size must be 490 or 980, got {m!r}")
+            raise ProcessorOptionError(f"max_image_size must be 490 or 980, got {m!r}")
         m = int(m)
-        split = self.split_image if split_image is None else bool(split_image)
-        if split_mode not in SPLIT_MODES:
-            raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {split_mode!r}")
+        split_mode = check_split_mode(split_mode)
+        floor = check_min_image_size(min_image_size, m)
+        if split_image is None:
+            split = self.split_image or split_mode == "original"
+        else:
+            split = bool(split_image)
         if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
             images = [images]
         if len(images) == 0:
             raise ValueError("no images given")
         values, masks, counts = [], [], []
         for image in images:
-            crops = self.crops(image, m, split, split_mode)
+            crops = self.crops(image, m, split, split_mode, split_resolutions)
             counts.append(len(crops))
             for crop in crops:
-                v, k = self.process_crop(crop, m)
+                v, k = self.process_crop(crop, m, floor)
                 values.append(v)
                 masks.append(k)
         return {

@@ -2,45 +2,49 @@
 
 The tokenizer is ``tokenizer.json`` loaded with the ``tokenizers`` library, with the special tokens of
 ``tokenizer_config.json`` / ``special_tokens_map.json`` (the latter wins, as in transformers). The chat template is
-rendered with jinja2 in the sandboxed environment transformers uses (``trim_blocks``, ``lstrip_blocks``,
-``loopcontrols``, ``raise_exception``, ``tojson``, ``strftime_now``). Every ``<|img|>`` is expanded to
+rendered as transformers renders it (``chat_template.py``). Every ``<|img|>`` is expanded to
 ``num_crops * tokens_per_image`` image tokens, with ``tokens_per_image`` read from ``processor_config.json``
-(``size_conversion``) or ``config.json`` (``projector_patch_to_query_dict``). Batches are left-padded.
+(``size_conversion``) or ``config.json`` (``projector_patch_to_query_dict``). Batches are left-padded. The keyword
+arguments of the original rhymes-ai/Aria processor (``split_ratio``, ``min_image_size``, ``padding``,
+``truncation``, ``max_length``, ``return_tensors``, ``return_final_prompts``) are checked and applied by
+``processor_options.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import json
+import math
 import operator
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, processors
 
 from aria_jax.errors import InputError, one_line
-from aria_jax.files import read_json
+from aria_jax.files import TOKENIZER_FILES, ModelNotFoundError, read_json, resolve_model
+from aria_jax.inference.chat_template import (
+    ChatTemplateError,
+    ChatTemplateRejected,
+    compile_chat_template,
+    find_chat_template,
+    render_chat,
+)
 from aria_jax.inference.image_processor import AriaImageProcessor
+from aria_jax.inference.processor_options import (
+    ProcessorOptionError,
+    as_tensors,
+    check_image_tokens,
+    check_split_mode,
+    encode,
+    split_ratio_resolutions,
+    text_options,
+)
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-class ChatTemplateError(InputError):
-    """A chat template that does not compile, or that breaks the sandbox's rules while rendering."""
-
-
-class ChatTemplateRejected(ChatTemplateError):
-    """The template itself refused the conversation (its ``raise_exception``, e.g. roles that do not alternate)."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -56,123 +60,6 @@ def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` renders its body (transformers tracks assistant spans here)."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.CallBlock:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - same trick as jinja's Namespace
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes, got {name!r}")
-
-
-class _TemplateRaised(jinja2.exceptions.TemplateError):
-    """What a template's ``raise_exception(message)`` raises."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@functools.lru_cache(maxsize=16)
-def compile_chat_template(template: str) -> jinja2.Template:
-    """Compile a chat template in the environment transformers uses for ``apply_chat_template``."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["dict"] = dict
-    env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(template)
-
-
-def checked_template(template: Any, origin: str) -> jinja2.Template:
-    """``compile_chat_template``, with a template that is not a string or does not parse as ``ChatTemplateError``."""
-    if not isinstance(template, str):
-        raise ChatTemplateError(f"{origin}: a chat template must be a string, got {type(template).__name__}")
-    try:
-        return compile_chat_template(template)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"{origin}: chat template syntax error at line {e.lineno}: {e.message}") from None
-    except (jinja2.exceptions.TemplateError, RecursionError, ValueError) as e:
-        raise ChatTemplateError(f"{origin}: cannot compile the chat template ({one_line(e)})") from None
-
-
-def _plain(value: Any) -> Any:
-    """Rebuild template data from plain JSON types; anything else becomes ``"<TypeName>"`` (as transformers)."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    return f"<{type(value).__name__}>"
-
-
-def _normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
-    """Drop None-valued keys, turn OpenAI ``image_url`` blocks into ``image`` blocks, alias reasoning fields."""
-    out = []
-    for message in messages:
-        if not isinstance(message, Mapping):
-            raise TypeError(f"chat messages must be dicts, got {message!r}")
-        message = {k: v for k, v in message.items() if v is not None}
-        if isinstance(message.get("content"), list):
-            content = []
-            for block in message["content"]:
-                if isinstance(block, Mapping) and block.get("type") == "image_url" and "image_url" in block:
-                    info = block["image_url"]
-                    url = info.get("url") if isinstance(info, Mapping) else info
-                    block = {"type": "image", "url": url}
-                content.append(block)
-            message["content"] = content
-        message = _plain(message)
-        reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if message.get(k)), None)
-        if reasoning is not None:
-            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        out.append(message)
-    return out
 
 
 def _flatten_images(images: Any) -> list[Any]:
@@ -247,6 +134,8 @@ class AriaProcessor:
         clean_up_tokenization_spaces: bool = False,
         vocab_size: int | None = None,
         chat_template_origin: str = "chat template",
+        model_max_length: int | None = None,
+        truncation_side: str = "right",
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor or AriaImageProcessor()
@@ -260,23 +149,48 @@ class AriaProcessor:
         self.image_token_id = self._require_id(image_token)
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.vocab_size = vocab_size
+        self.model_max_length = model_max_length  # tokenizer_config.json's: truncation's default max_length
+        self.truncation_side = truncation_side
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> AriaProcessor:
-        """Load from a directory with tokenizer.json (+ configs, chat template, processor/preprocessor configs)."""
-        root = Path(path)
-        if not (root / "tokenizer.json").is_file():
-            raise InputError(f"no tokenizer.json in {str(root)!r}")
+    def from_pretrained(
+        cls, path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None, revision: str | None = None
+    ) -> AriaProcessor:
+        """Load from a directory (or a hub id: only its tokenizer and config files are fetched, ``revision``
+        honoured) with tokenizer.json, configs, chat template and processor/preprocessor configs.
+
+        ``tokenizer_path`` (a directory or hub id), as in the original ``AriaProcessor.from_pretrained``: the
+        tokenizer files and its chat template come from there (the template from ``path`` when it has none); the
+        image settings and tokens per image from ``path``.
+        """
+        root = Path(resolve_model(path, revision, TOKENIZER_FILES))
+        tok_root = root
+        if tokenizer_path is not None:
+            try:
+                tok_root = Path(resolve_model(tokenizer_path, revision, TOKENIZER_FILES))
+            except ModelNotFoundError as e:
+                raise ModelNotFoundError(f"tokenizer_path {e}") from None
+        if not (tok_root / "tokenizer.json").is_file():
+            raise InputError(f"no tokenizer.json in {str(tok_root)!r}")
         try:
-            tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+            tokenizer = Tokenizer.from_file(str(tok_root / "tokenizer.json"))
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
-            raise InputError(f"{root / 'tokenizer.json'}: cannot read ({one_line(e)})") from None
+            raise InputError(f"{tok_root / 'tokenizer.json'}: cannot read ({one_line(e)})") from None
         tokenizer.no_padding()
         tokenizer.no_truncation()
-        tok_cfg = _read_json(root / "tokenizer_config.json")
-        with _values_of(root / "tokenizer_config.json", root / "special_tokens_map.json"):
-            special, image_token = _add_special_tokens(tokenizer, tok_cfg, _read_json(root / "special_tokens_map.json"))
+        tok_cfg = _read_json(tok_root / "tokenizer_config.json")
+        special_file = tok_root / "special_tokens_map.json"
+        with _values_of(tok_root / "tokenizer_config.json", special_file):
+            special, image_token = _add_special_tokens(tokenizer, tok_cfg, _read_json(special_file))
+            max_len = tok_cfg.get("model_max_length")
+            if isinstance(max_len, float) and math.isfinite(max_len):
+                max_len = int(max_len)
+            if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+                max_len = None  # absent or unusable: no limit, as transformers' VERY_LARGE_INTEGER default
+            side = tok_cfg.get("truncation_side", "right")
+            if side not in ("left", "right"):
+                raise ValueError(f"truncation_side must be 'left' or 'right', got {side!r}")
 
         proc_cfg = _read_json(root / "processor_config.json")
         model_cfg = _read_json(root / "config.json")
@@ -293,28 +207,7 @@ class AriaProcessor:
             vocab_size = (model_cfg.get("text_config") or {}).get("vocab_size") or model_cfg.get("vocab_size")
             vocab_size = None if vocab_size is None else operator.index(vocab_size)
 
-        chat_template, origin = proc_cfg.get("chat_template"), root / "processor_config.json"
-        if chat_template is None and (root / "chat_template.json").is_file():
-            origin = root / "chat_template.json"
-            chat_template = _read_json(origin).get("chat_template")
-        if chat_template is None and (root / "chat_template.jinja").is_file():
-            origin = root / "chat_template.jinja"
-            try:
-                chat_template = origin.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise ChatTemplateError(f"{origin}: cannot read ({one_line(e)})") from None
-        if chat_template is None:
-            chat_template, origin = tok_cfg.get("chat_template"), root / "tokenizer_config.json"
-        if isinstance(chat_template, list):  # tokenizer_config's named-template list
-            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t
-                       for t in chat_template):
-                raise ChatTemplateError(f"{origin}: chat_template must be a string or a list of "
-                                        "{name, template} objects")
-            chat_template = {t["name"]: t["template"] for t in chat_template}
-        for template in chat_template.values() if isinstance(chat_template, dict) else [chat_template]:
-            if template is not None:
-                checked_template(template, str(origin))  # a syntax error fails on load, not at the first message
-
+        chat_template, origin = find_chat_template(*dict.fromkeys([tok_root, root]))
         image_cfg = _read_json(root / "preprocessor_config.json")
         try:
             image_processor = AriaImageProcessor.from_dict(image_cfg)
@@ -324,12 +217,14 @@ class AriaProcessor:
             tokenizer,
             image_processor,
             chat_template=chat_template,
-            chat_template_origin=str(origin),
+            chat_template_origin=origin,
             size_conversion=size_conversion,
             special_tokens=special,
             image_token=image_token,
             clean_up_tokenization_spaces=bool(tok_cfg.get("clean_up_tokenization_spaces", False)),
             vocab_size=vocab_size,
+            model_max_length=max_len,
+            truncation_side=side,
         )
 
     # ---------------------------------------------------------------- tokens
@@ -389,23 +284,8 @@ class AriaProcessor:
             raise ValueError("this processor has no chat template")
         batched = bool(messages) and (isinstance(messages[0], (list, tuple)) or hasattr(messages[0], "messages"))
         conversations = messages if batched else [messages]
-        compiled = checked_template(template, origin)
-        context = _plain({**{k: v for k, v in self.special_tokens.items() if k in _NAMED_SPECIAL}, **kwargs})
-        rendered = []
-        for conversation in conversations:
-            chat = _normalize_messages(getattr(conversation, "messages", conversation))
-            try:
-                rendered.append(compiled.render(
-                    messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **context
-                ))
-            except _TemplateRaised as e:
-                raise ChatTemplateRejected(f"{origin}: the template refuses this conversation: {one_line(e)}") from None
-            except jinja2.exceptions.SecurityError as e:
-                raise ChatTemplateError(f"{origin}: breaks the template sandbox: {one_line(e)}") from None
-            except (jinja2.exceptions.TemplateError, ArithmeticError, LookupError, TypeError, ValueError,
-                    AttributeError, RecursionError) as e:  # errors of the template's own code while rendering
-                why = f"{type(e).__name__}: {one_line(e)}"
-                raise ChatTemplateError(f"{origin}: the chat template fails while rendering ({why})") from None
+        context = {**{k: v for k, v in self.special_tokens.items() if k in _NAMED_SPECIAL}, **kwargs}
+        rendered = render_chat(template, origin, conversations, add_generation_prompt, context)
         return rendered if batched else rendered[0]
 
     def expand_image_tokens(self, text: str, counts: Iterable[int]) -> str:
@@ -432,17 +312,35 @@ class AriaProcessor:
         split_image: bool | None = None,
         split_mode: str = "hf",
         add_special_tokens: bool = True,
-    ) -> dict[str, np.ndarray]:
+        *,
+        min_image_size: int | None = None,
+        split_ratio: Sequence[Sequence[int]] | None = None,
+        padding: bool | str | None = None,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_final_prompts: bool = False,
+    ) -> dict[str, Any] | tuple[dict[str, Any], list[str]]:
         """Tokenise ``text`` (expanding ``<|img|>``) and preprocess ``images`` -> numpy dict, left-padded.
 
-        ``split_mode="hf"`` gives every image transformers' ``num_crops`` (the maximum over the call);
-        ``split_mode="original"`` uses each image's own crop count, as the original Aria processor did.
+        ``split_mode="hf"`` is transformers' split, every image given its ``num_crops`` (the maximum over the call);
+        ``split_mode="original"`` is the original Aria split with each image's own crop count, and splits unless
+        ``split_image=False``. The original processor's keywords: ``split_ratio`` ([width, height] grid pairs to
+        choose from), ``min_image_size`` (the floor of a crop's short side), ``padding`` / ``truncation`` /
+        ``max_length`` (a transformers tokenizer's meaning; padding is ``"longest"`` unless given),
+        ``return_tensors`` (``"np"`` default, ``"jax"``, ``"pt"``) and ``return_final_prompts`` (also return the
+        texts after image-token expansion, as ``(batch, prompts)``). Bad values raise ``ProcessorOptionError``.
         """
         if text is None:
             raise ValueError("text is required")
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a list of strings")
+        split_mode = check_split_mode(split_mode)
+        resolutions = split_ratio_resolutions(split_ratio)
+        options = text_options(padding, truncation, max_length, self.model_max_length)
+        if not isinstance(return_final_prompts, bool):
+            raise ProcessorOptionError(f"return_final_prompts must be True or False, got {return_final_prompts!r}")
         images = _flatten_images(images)
         n_placeholders = sum(t.count(self.image_token) for t in texts)
         if n_placeholders != len(images):
@@ -452,7 +350,8 @@ class AriaProcessor:
         out: dict[str, np.ndarray] = {}
         if images:
             proc = self.image_processor(
-                images, max_image_size=max_image_size, split_image=split_image, split_mode=split_mode
+                images, max_image_size=max_image_size, split_image=split_image, split_mode=split_mode,
+                min_image_size=min_image_size, split_resolutions=resolutions,
             )
             per_image = self.tokens_per_image(int(proc["pixel_values"].shape[2]))
             crops = proc["crops"] if split_mode == "original" else [proc["num_crops"]] * len(images)
@@ -460,21 +359,14 @@ class AriaProcessor:
             texts = [self.expand_image_tokens(t, counts) for t in texts]
             out["pixel_values"] = proc["pixel_values"]
             out["pixel_mask"] = proc["pixel_mask"]
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
-        ids = [e.ids for e in encodings]
-        pad_id = self.pad_token_id
-        longest = max(len(x) for x in ids)
-        if pad_id is None and any(len(x) != longest for x in ids):
-            raise ValueError("cannot pad a batch: the tokenizer has no pad or unk token")
-        input_ids = np.full((len(ids), longest), pad_id if pad_id is not None else 0, dtype=np.int64)
-        attention_mask = np.zeros((len(ids), longest), dtype=np.int64)
-        for row, seq in enumerate(ids):
-            if seq:
-                input_ids[row, longest - len(seq) :] = seq
-                attention_mask[row, longest - len(seq) :] = 1
+        input_ids, attention_mask = encode(self.tokenizer, texts, options, self.pad_token_id, add_special_tokens,
+                                           self.truncation_side)
+        if options.truncate and images:
+            check_image_tokens(texts, input_ids, self.image_token, self.image_token_id, options)
         if self.vocab_size is not None and input_ids.size and int(input_ids.max()) >= self.vocab_size:
             raise ValueError(f"token id {int(input_ids.max())} is >= the model's vocab_size {self.vocab_size}")
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+        batch = as_tensors({"input_ids": input_ids, "attention_mask": attention_mask, **out}, return_tensors)
+        return (batch, texts) if return_final_prompts else batch
 
     # ---------------------------------------------------------------- decoding
     def decode(
@@ -497,4 +389,5 @@ class AriaProcessor:
         return [self.decode(seq, skip_special_tokens=skip_special_tokens, **kwargs) for seq in sequences]
 
 
-__all__ = ["AriaProcessor", "ChatTemplateError", "ChatTemplateRejected", "compile_chat_template"]
+__all__ = ["AriaProcessor", "ChatTemplateError", "ChatTemplateRejected", "ProcessorOptionError",
+           "compile_chat_template"]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from aria_jax.config import AriaConfig
 from aria_jax.kernels.activations import gelu_tanh, softmax
-from aria_jax.model.layers import LayerNorm, Linear, param
+from aria_jax.model.layers import LayerNorm, Linear, lora_delta, param
 
 PROJECTOR_LN_EPS = 1e-5  # torch nn.LayerNorm's default, not the vision tower's 1e-6
 
@@ -59,7 +59,7 @@ class CrossAttention(nn.Module):
         out = jnp.einsum("bnqk,bknh->bqnh", probs, v2)
         wo = param(self, "out_kernel", (nh, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype)
         bo = param(self, "out_bias", (d,), ("vision_embed",), self.dtype, nn.initializers.zeros)
-        out = jnp.einsum("bqnh,nhd->bqd", out, wo) + bo
+        out = jnp.einsum("bqnh,nhd->bqd", out, wo) + bo + lora_delta(self, "out_kernel", out, 2)
         return Linear(d, axes, True, self.dtype, name="linear")(out)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from aria_jax.config import AriaVisionConfig
 from aria_jax.kernels.activations import gelu_tanh
-from aria_jax.model.layers import LayerNorm, Linear, masked_softmax, param
+from aria_jax.model.layers import LORA, LayerNorm, Linear, lora_delta, masked_softmax, param
 
 
 def patch_attention_mask(pixel_mask: jax.Array, patch_size: int) -> jax.Array:
@@ -112,7 +112,7 @@ class VisionAttention(nn.Module):
             b = param(
                 self, f"{name}_bias", (nh, hd), ("vision_heads", "vision_head_dim"), self.dtype, nn.initializers.zeros
             )
-            return jnp.einsum("bpd,dnh->bpnh", x, w) + b
+            return jnp.einsum("bpd,dnh->bpnh", x, w) + b + lora_delta(self, f"{name}_kernel", x, 1)
 
         q, k, v = proj("q").transpose(0, 2, 1, 3), proj("k").transpose(0, 2, 3, 1), proj("v").transpose(0, 2, 1, 3)
         b, _, p, _ = q.shape
@@ -122,7 +122,7 @@ class VisionAttention(nn.Module):
         ).transpose(0, 2, 1, 3)
         wo = param(self, "out_kernel", (nh, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype)
         bo = param(self, "out_bias", (d,), ("vision_embed",), self.dtype, nn.initializers.zeros)
-        return jnp.einsum("bqnh,nhd->bqd", out, wo) + bo
+        return jnp.einsum("bqnh,nhd->bqd", out, wo) + bo + lora_delta(self, "out_kernel", out, 2)
 
 
 class VisionEncoderLayer(nn.Module):
@@ -165,8 +165,8 @@ class VisionTower(nn.Module):
         if self.num_layers:
             x, _ = nn.scan(
                 layer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
+                variable_axes={"params": 0, LORA: 0},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},

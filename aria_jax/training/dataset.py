@@ -76,7 +76,7 @@ def parse_line(line: bytes | str, root: str, where: str) -> Record:
         raise RecipeError(f"{where}: 'messages' must be a non-empty list of messages")
     for m in messages:
         _check_message(m, where)
-    if "video" in obj:
+    if obj.get("video") is not None:  # "video": null, as datasets written by the original's loader have it: none
         raise RecipeError(f"{where}: video samples are not supported")
     images = obj.get("images") or []
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
@@ -100,9 +100,9 @@ def _image_path(root: str, rel: str, where: str) -> str:
     return path
 
 
-def read_jsonl(root: str) -> list[Record]:
-    """``root/train.jsonl``: one sample per non-blank line (bytes: non-UTF-8 text is one line naming file:line)."""
-    path = os.path.join(root, "train.jsonl")
+def read_jsonl(root: str, split: str = "train") -> list[Record]:
+    """``root/<split>.jsonl``: one sample per non-blank line (bytes: non-UTF-8 text is one line naming file:line)."""
+    path = os.path.join(root, f"{split}.jsonl")
     records = []
     try:
         with open(path, "rb") as f:
@@ -117,11 +117,13 @@ def read_jsonl(root: str) -> list[Record]:
 
 
 def mix(datasets: dict[str, list[Record]], weights: dict[str, float]) -> list[Record]:
-    """dataset_mixer: weight <= 1 keeps that leading fraction, > 1 repeats the dataset int(weight) times."""
+    """dataset_mixer: weight <= 1 keeps that leading fraction (at least one sample), > 1 repeats the dataset
+    int(weight) times, 0 skips it (as the original's ``int(0 * n)`` rows)."""
     out: list[Record] = []
     for name, records in datasets.items():
         w = weights[name]
-        out.extend(records[: max(1, int(w * len(records)))] if w <= 1 else records * int(w))
+        if w > 0:
+            out.extend(records[: max(1, int(w * len(records)))] if w <= 1 else records * int(w))
     return out
 
 
@@ -139,8 +141,17 @@ def check_placeholders(records: list[Record], placeholder: str) -> None:
 
 
 
-def load_datasets(mixer: dict[str, Any]) -> list[Record]:
-    return mix({p: read_jsonl(p) for p in mixer}, {p: float(w) for p, w in mixer.items()})
+def load_datasets(mixer: dict[str, Any], split: str = "train") -> list[Record]:
+    """The training samples: every dataset's ``<split>.jsonl`` read and checked (a weight-0 one too, as the
+    original reads it), mixed by weight."""
+    return mix({p: read_jsonl(p, split) for p in mixer}, {p: float(w) for p, w in mixer.items()})
+
+
+def load_eval_records(mixer: dict[str, Any], split: str = "test") -> tuple[list[Record], list[str]]:
+    """The evaluation samples: every dataset's ``<split>.jsonl`` that exists (whatever its weight, as the
+    original concatenates the test splits), and the files read."""
+    files = [p for p in mixer if os.path.isfile(os.path.join(p, f"{split}.jsonl"))]
+    return [r for p in files for r in read_jsonl(p, split)], [os.path.join(p, f"{split}.jsonl") for p in files]
 
 
 def check_images(records: list[Record], skip_bad: bool, log: Callable[[str], None] = print, progress: bool = False

@@ -1,18 +1,18 @@
 """The exports at the end of a fine-tuning run: the model as HF safetensors (``export_hf``, through the one HF
-writer ``aria_jax.checkpoint.export.write_hf``) and LoRA adapters on their own (``export_adapter``)."""
+writer ``aria_jax.checkpoint.export.write_hf``) and LoRA adapters on their own in PEFT's format (``export_adapter``,
+through ``aria_jax.checkpoint.peft.save_adapter``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import numpy as np
-from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from aria_jax.checkpoint.export import tree_reader, write_hf
 from aria_jax.checkpoint.hf_keys import detect_layout, to_hub_name
+from aria_jax.checkpoint.peft import save_adapter
 from aria_jax.checkpoint.safetensors_io import CheckpointError, open_checkpoint
 from aria_jax.config import AriaConfig
 from aria_jax.files import copy_tokenizer_files
@@ -61,19 +61,12 @@ def export_hf(params: dict, cfg: AriaConfig, directory: str, base_dir: str | Non
 
 
 def export_adapter(lora: dict, rules, cfg, directory: str) -> str:
-    """adapter.safetensors (keys: parameter path joined by '/', ``_a``/``_b`` suffixes) + adapter_config.json."""
+    """The LoRA pairs as a PEFT adapter (adapter_config.json + adapter_model.safetensors) for transformers 5's
+    ``AriaForConditionalGeneration``: ``peft.PeftModel.from_pretrained`` and ``Aria.from_pretrained(...,
+    adapter=...)`` load it (``aria_jax.checkpoint.peft``). Layers in freeze_llm_layers are left out, as the original
+    trainer leaves them out; ``rules`` is unused (every pair names its site)."""
+    del rules
     os.makedirs(directory, exist_ok=True)
-    flat = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
-            for k, v in traverse_util.flatten_dict(lora).items()}
-    save_tensors(flat, os.path.join(directory, "adapter.safetensors"))
-    meta = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-            "target_modules": sorted({r.target for r in rules}), "base_model": cfg.model_name_or_path,
-            "format": "aria-jax lora: W + A @ B * lora_alpha / r; A (batch, in, r), B (batch, r, out)"}
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    return directory
-
-
-def load_adapter(directory: str) -> dict:
-    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in
-                                         load_file(os.path.join(directory, "adapter.safetensors")).items()})
+    # at the scale the run used (lora_alpha / lora_r); pairs of another rank get rank_pattern entries
+    return save_adapter(directory, lora, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.model_name_or_path,
+                        skip_layers=cfg.freeze_llm_layers or ())

@@ -1,26 +1,90 @@
-"""Training metrics: one JSON line per logged step in ``output_dir/metrics.jsonl`` and TensorBoard events."""
+"""Training output for people and tools: the log lines at ``log_level`` (``Log``), and the metrics: one JSON line
+per logged step in ``output_dir/metrics.jsonl``, and the ``report_to`` integrations (TensorBoard, W&B)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from collections.abc import Callable
 
+from aria_jax.errors import InputError, one_line
 from aria_jax.files import write_atomic
+
+LEVELS = {"debug": 10, "info": 20, "passive": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class Log:
+    """Lines on stdout at ``level`` (transformers' log_level names; passive = info): ``log(message)`` is info,
+    ``log.warning(message)`` prints ``warning: message``. Prints nothing when not ``enabled`` (processes but the
+    first). Errors are not logged here: train.py prints them on stderr as one line."""
+
+    def __init__(self, level: str = "passive", enabled: bool = True, write: Callable[[str], None] | None = None):
+        self.level = LEVELS.get(level, 20)
+        self.enabled = enabled
+        self.write = write or (lambda line: print(line, flush=True))
+
+    def __call__(self, message: str) -> None:
+        if self.enabled and self.level <= LEVELS["info"]:
+            self.write(message)
+
+    def warning(self, message: str) -> None:
+        if self.enabled and self.level <= LEVELS["warning"]:
+            self.write(f"warning: {message}")
+
+    @property
+    def quiet(self) -> bool:
+        """No progress bar either (log_level error or critical), as transformers' default ``disable_tqdm``."""
+        return self.level > LEVELS["warning"]
+
+
+def warn(log: Callable[[str], None], message: str) -> None:
+    """``log.warning(message)`` for a ``Log``; ``log("warning: " + message)`` for any other callable."""
+    warning = getattr(log, "warning", None)
+    if warning is not None:
+        warning(message)
+    else:
+        log(f"warning: {message}")
+
+
+def reporters(report_to: list[str], log: Callable[[str], None] = print) -> tuple[bool, object | None]:
+    """(TensorBoard on, the ``wandb`` module or None) for ``report_to``; one warning line for wandb when it is not
+    installed, and for each integration not supported here. metrics.jsonl is written whatever they say."""
+    names = set(report_to)
+    if "none" in names and len(names) > 1:
+        warn(log, f"report_to: 'none' with {', '.join(sorted(names - {'none'}))}: reporting to those")
+    wandb, fallback = None, False
+    if "wandb" in names or "all" in names:
+        try:
+            import wandb  # optional: not a dependency of aria-jax
+        except ImportError:
+            if "wandb" in names:
+                fallback = True
+                warn(log, "report_to: wandb is not installed (pip install wandb): metrics go to metrics.jsonl "
+                          "and TensorBoard instead")
+    for name in sorted(names - {"tensorboard", "wandb", "all", "none"}):
+        fallback = True
+        warn(log, f"report_to: {name} is not supported here: metrics go to metrics.jsonl and TensorBoard instead")
+    return fallback or bool(names & {"tensorboard", "all"}), wandb
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard events in output_dir; on resume the JSONL is cut back to the restored step (lines
-    that do not parse, e.g. one cut short by a full disk, are dropped).
+    """metrics.jsonl + the ``report_to`` integrations in output_dir; on resume the JSONL is cut back to the restored
+    step (lines that do not parse, e.g. one cut short by a full disk, are dropped).
 
-    Disabled (writes nothing) on every process but the first. A failed write is an OSError naming the file, and
-    leaves no partial line behind.
+    ``tensorboard``: events in ``tb_dir`` (default output_dir/tensorboard); ``wandb``: the wandb module, a run is
+    started with ``wandb_init`` arguments. Keys ``eval_*`` go to TensorBoard / W&B as ``eval/*``, the others as
+    ``train/*``. Disabled (writes nothing) on every process but the first. A failed write is an OSError naming the
+    file, and leaves no partial line behind.
     """
 
-    def __init__(self, output_dir: str, resume_step: int | None, enabled: bool = True):
+    def __init__(self, output_dir: str, resume_step: int | None, enabled: bool = True, tensorboard: bool = True,
+                 tb_dir: str | None = None, wandb=None, wandb_init: dict | None = None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tb_dir = tb_dir or os.path.join(output_dir, "tensorboard")
         self.enabled = enabled
         self.tb = None
+        self.wandb_run = None
         if not enabled:
             return
         if resume_step is None:
@@ -29,14 +93,18 @@ class MetricsLog:
             with open(self.path, "rb") as f:
                 kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
             write_atomic(self.path, b"".join(kept))
-        try:
+        if tensorboard:
             # imported here: tensorboardX imports torch when installed (~190 MB of RSS and its OpenMP threads in
             # every process that merely imports the trainer; measured in bench/README.md, issue 19)
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        except ImportError:
-            self.tb = None
+            self.tb = SummaryWriter(self.tb_dir)
+        if wandb is not None:
+            try:
+                self.wandb_run = wandb.init(**(wandb_init or {}))
+            except Exception as exc:  # not logged in, no network, a bad WANDB_* variable: wandb's own error types
+                self.close()
+                raise InputError(f"config key 'report_to': wandb cannot start a run ({one_line(exc)})") from None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -50,20 +118,25 @@ class MetricsLog:
             except OSError as exc:
                 _truncate(f, end)
                 raise OSError(exc.errno, exc.strerror, self.path) from None
+        scalars = {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v for k, v in record.items()
+                   if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
         if self.tb is not None:
             try:
-                for k, v in record.items():
-                    if k != "step" and isinstance(v, int | float):
-                        self.tb.add_scalar(f"train/{k}", v, record["step"])
+                for k, v in scalars.items():
+                    self.tb.add_scalar(k, v, record["step"])
                 self.tb.flush()
             except OSError as exc:
-                tensorboard = os.path.join(os.path.dirname(self.path), "tensorboard")
-                raise OSError(exc.errno, exc.strerror, tensorboard) from None
+                raise OSError(exc.errno, exc.strerror, self.tb_dir) from None
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             tb, self.tb = self.tb, None
             tb.close()
+        if self.wandb_run is not None:
+            run, self.wandb_run = self.wandb_run, None
+            run.finish()
 
 
 def _step_of(line: bytes) -> int | None:

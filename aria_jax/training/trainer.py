@@ -8,9 +8,7 @@ Nothing is written before the setup (recipe, datasets and their images, model, r
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from tqdm import tqdm
 
+from aria_jax.checkpoint import peft
 from aria_jax.config import AriaConfig
 from aria_jax.errors import InputError, one_line
 from aria_jax.files import ModelNotFoundError, resolve_model, staged_directory
@@ -27,49 +26,37 @@ from aria_jax.inference.processor import AriaProcessor
 from aria_jax.model.aria import AriaModel
 from aria_jax.parallel import distributed
 from aria_jax.parallel import layout as param_layout
-from aria_jax.parallel.sharding import MeshError, make_mesh, param_shardings
 from aria_jax.runtime import Runtime, detect
 from aria_jax.training import checkpoint as ckpt
 from aria_jax.training import data as D
 from aria_jax.training import dataset as J
+from aria_jax.training import evaluate as E
 from aria_jax.training import steps as S
-from aria_jax.training.config import MAX_STEPS, RecipeError, TrainConfig, save_resolved
+from aria_jax.training.config import MAX_STEPS, RecipeError, TrainConfig, recipe_dict, save_resolved
 from aria_jax.training.export import export_adapter, export_hf
-from aria_jax.training.lora import init_lora, merge_lora, select_rules
-from aria_jax.training.metrics_log import MetricsLog
+from aria_jax.training.lora import RULES, init_lora, merge_lora, select_rules
+from aria_jax.training.metrics_log import MetricsLog, reporters, warn
+from aria_jax.training.plan import (
+    Plan,
+    Rows,
+    batch_rows,
+    check_output_dir,
+    dtype_of,
+    float32,
+    global_batch,
+    make_train_mesh,
+    onto_mesh,
+    place,
+)
 
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "tflops")
-
-
-@dataclasses.dataclass(frozen=True)
-class Rows:
-    """How a global batch's rows are split: over mesh ``axes``; this process builds block ``index`` of ``count``
-    (multi-host), and each block's images are padded to a multiple of ``image_multiple`` (its data shards)."""
-
-    axes: tuple[str, ...] = ()
-    index: int = 0
-    count: int = 1
-    image_multiple: int = 1
-
-
-def batch_rows(mesh, batch_size: int) -> Rows:
-    """Rows over the mesh's ``data`` axis when it divides the batch (else replicated: every process builds all)."""
-    if mesh is None:
-        return Rows()
-    axes = distributed.batch_axes(mesh, batch_size)
-    try:
-        index, count = distributed.row_block(mesh, batch_size, axes)
-    except ValueError as e:
-        raise RecipeError(f"config key 'mesh': {e}") from None
-    ways = math.prod(mesh.shape[a] for a in axes)
-    return Rows(axes, index, count, ways // count)
 
 
 @dataclasses.dataclass
 class Setup:
     cfg: TrainConfig
     config: AriaConfig
-    params: dict  # all base params (float32)
+    params: dict  # all base params (in the weight dtype: torch_dtype)
     processor: object | None
     module: AriaModel
     trainable: dict  # nested: the parameters (or LoRA pairs) being optimised
@@ -83,35 +70,9 @@ class Setup:
     spare_grads: list = dataclasses.field(default_factory=list)  # consumed gradient trees, donated (make_grad_fn)
     base_dir: str | None = None  # the model (or tokenizer) directory, hub ids resolved: its files go with exports
     skipped: int = 0  # samples left out before step 0 for an unreadable image (skip_bad_samples)
-
-
-def make_train_mesh(spec: str | None):
-    """The recipe's mesh (None: one device); a bad spec is a recipe error naming the key."""
-    try:
-        return make_mesh(spec)
-    except MeshError as e:
-        raise RecipeError(f"config key 'mesh': {e}") from None
-
-
-def place(params: dict, config: AriaConfig, mesh, fsdp: bool) -> dict:
-    """Params onto the mesh with the sharding rules (and FSDP over data if asked); unchanged without a mesh."""
-    if mesh is None:
-        return params
-
-    try:
-        shardings = param_shardings(config, mesh, fsdp=fsdp)
-    except MeshError as e:
-        raise RecipeError(f"config key 'mesh': {e}") from None
-    return distributed.place(params, shardings)
-
-
-def onto_mesh(tree, mesh):
-    """Leaves still on one local device (step counters, LoRA init, ...) replicated over ``mesh``; others as they are."""
-    if mesh is None:
-        return tree
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda x: x if x.sharding.device_set == replicated.device_set
-                        else distributed.place(x, replicated), tree)
+    batch: int = 0  # rows of one global micro-batch: per_device_train_batch_size x data-parallel devices
+    eval_set: E.EvalSet | None = None  # the test samples (eval_strategy), None: no evaluation
+    weight_dtype: str = "float32"  # the frozen weights' dtype (torch_dtype)
 
 
 def resolve_path(cfg: TrainConfig, key: str) -> str | None:
@@ -121,22 +82,27 @@ def resolve_path(cfg: TrainConfig, key: str) -> str | None:
     if value is None:
         return None
     try:
-        return resolve_model(value)
+        return resolve_model(value, cfg.model_revision)
     except ModelNotFoundError as exc:
         raise RecipeError(f"config key '{key}': {one_line(exc)}") from None
 
 
+WEIGHT_DTYPES = {None: "float32", "float32": "float32", "bfloat16": "bfloat16", "auto": None}
+
+
 def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | None, str | None]:
-    """(config, float32 params, processor, base directory) of the recipe's model."""
+    """(config, params in the torch_dtype (auto: the checkpoint's), processor, base directory) of the recipe's
+    model: a local HF or converted directory, or a hub id at model_revision."""
     model_dir = resolve_path(cfg, "model_name_or_path")
     key = "model_config" if model_dir is None else "model_name_or_path"
+    dtype = WEIGHT_DTYPES[cfg.torch_dtype]
     try:
         if model_dir is None:
             config = AriaConfig.from_dict(cfg.model_config)
-            model = Aria.from_config(config, seed=cfg.seed, dtype="float32", layout="stacked")
+            model = Aria.from_config(config, seed=cfg.seed, dtype=dtype or "float32", layout="stacked")
         else:
             # training runs the stacked (scanned) layout; on a mesh each tensor is placed as it is read
-            model = Aria.from_pretrained(model_dir, dtype="float32", mesh=mesh, layout="stacked")
+            model = Aria.from_pretrained(model_dir, dtype=dtype, mesh=mesh, layout="stacked")
     except InputError as exc:
         raise RecipeError(f"config key '{key}': {one_line(exc)}") from None
     processor = model.processor
@@ -150,10 +116,11 @@ def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | 
     return model.config, model.params, processor, model_dir or tokenizer_dir
 
 
-def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records, rows: Rows = Rows(),
-                 sizes: dict | None = None, log: Callable[[str], None] = print) -> tuple[D.Loader, int]:
-    """The loader; on multi-host it builds only this process's block of rows of each global batch. ``sizes``: the
-    image sizes ``check_images`` read."""
+def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records, rows: Rows | None = None,
+                 sizes: dict | None = None, log: Callable[[str], None] = print, batch: int | None = None
+                 ) -> tuple[D.Loader, int]:
+    """The loader of global batches of ``batch`` rows (default per_device_train_batch_size); on multi-host it
+    builds only this process's block of rows of each. ``sizes``: the image sizes ``check_images`` read."""
     if records is None:
         seq = min(cfg.max_seq_length, 48)
         source = D.synthetic_source(config, cfg.synthetic_samples, seq, cfg.seed)
@@ -171,7 +138,8 @@ def build_loader(cfg: TrainConfig, config: AriaConfig, processor, records, rows:
         pad_id, size, side = processor.pad_token_id or 0, len(records), cfg.max_image_size
     pixel_shape = (config.vision.num_channels, side, side)
     collate = lambda samples, layout: D.collate(samples, pad_id, cfg.max_seq_length, pixel_shape, layout)
-    loader = D.Loader(size, source, cfg.per_device_train_batch_size, cfg.seed, collate, measure, rows.index,
+    seed, rows = cfg.seed if cfg.data_seed is None else cfg.data_seed, rows or Rows()
+    loader = D.Loader(size, source, batch or cfg.per_device_train_batch_size, seed, collate, measure, rows.index,
                       rows.count, rows.image_multiple)
     return loader, size
 
@@ -180,16 +148,38 @@ def load_records(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list | N
     """The recipe's samples (None: synthetic), how many were left out for an unreadable image, the image sizes."""
     if cfg.dataset_mixer is None:
         return None, 0, {}
-    records = J.load_datasets(cfg.dataset_mixer)
+    records = J.load_datasets(cfg.dataset_mixer, cfg.dataset_train_split)
     return J.check_images(records, cfg.skip_bad_samples, log, progress=distributed.is_main_process())
+
+
+def peft_adapter(cfg: TrainConfig, config: AriaConfig, log: Callable[[str], None]) -> tuple[TrainConfig, dict, list]:
+    """``peft_model_path``: the adapter's LoRA pairs to continue training, its sites, and the recipe with the
+    adapter's rank, scale and dropout in place of lora_r / lora_alpha / lora_dropout (as the original's
+    ``PeftModel.from_pretrained(..., is_trainable=True)`` takes them from adapter_config.json)."""
+    try:
+        adapter = peft.load_adapter(cfg.peft_model_path, config)
+    except InputError as exc:
+        raise RecipeError(f"config key 'peft_model_path': {one_line(exc)}") from None
+    paths = {site.path for site in adapter.sites}
+    rules = [rule for rule in RULES if rule.path in paths]
+    log(f"peft_model_path {cfg.peft_model_path}: training its LoRA pairs on {len(rules)} sites (r {adapter.r}, "
+        f"scale {adapter.scale:g}, dropout {adapter.dropout:g}: the adapter's, not lora_r / lora_alpha / lora_dropout)")
+    cfg = dataclasses.replace(cfg, lora_r=adapter.r, lora_alpha=adapter.scale * adapter.r, lora_dropout=adapter.dropout)
+    return cfg, jax.tree.map(jnp.asarray, adapter.lora), rules
 
 
 def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
     mesh = make_train_mesh(cfg.mesh)
     records, skipped, sizes = load_records(cfg, log)  # fail fast on bad data, before the model is loaded
-    rows = batch_rows(mesh, cfg.per_device_train_batch_size)
+    eval_records, eval_sizes = E.load_eval_records(cfg, log, progress=distributed.is_main_process())
+    batch = global_batch(cfg.per_device_train_batch_size, mesh)
+    rows = batch_rows(mesh, batch)
     config, params, processor, base_dir = load_model(cfg, mesh)
     params = place(params, config, mesh, cfg.fsdp)
+    weight_dtype = dtype_of(params)
+    if weight_dtype != "float32":
+        log(f"torch_dtype {cfg.torch_dtype}: frozen weights in {weight_dtype}, trained weights in a float32 master "
+            f"copy (the original trains them in {weight_dtype} too); the export is written in float32")
     runtime = detect()
     layerwise = not resolve_scan_layers(cfg.scan_layers, runtime)
     log(f"runtime: {runtime.describe()}; training layout {'per_layer' if layerwise else 'stacked'}")
@@ -197,14 +187,19 @@ def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
                        remat=cfg.gradient_checkpointing, mesh=mesh, layout="per_layer" if layerwise else "stacked",
                        runtime=runtime)
     frozen_parts = S.frozen_parts(cfg)
-    if cfg.use_peft:
+    if cfg.peft_model_path is not None and not cfg.use_peft:
+        warn(log, "peft_model_path: not used without use_peft: true (as in the original trainer)")
+    if cfg.use_peft and cfg.peft_model_path is not None:
+        cfg, trainable, rules = peft_adapter(cfg, config, log)
+        trainable, frozen = float32(trainable), params
+    elif cfg.use_peft:
         try:
-            rules = select_rules(cfg.lora_target_modules, frozen_parts)
+            rules = select_rules(cfg.lora_target_modules, frozen_parts, config)
         except ValueError as exc:
             raise RecipeError(f"config key 'lora_target_modules': {exc}") from None
         if not rules:
             raise RecipeError("config key 'lora_target_modules': no LoRA target is in an unfrozen part of the model")
-        trainable = init_lora(params, rules, cfg.lora_r, jax.random.key(cfg.seed))
+        trainable = float32(init_lora(params, rules, cfg.lora_r, jax.random.key(cfg.seed)))
         frozen = params
     else:
         rules = []
@@ -212,7 +207,7 @@ def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
         if not tr:
             raise RecipeError("config: freeze_vit, freeze_projector and freeze_llm freeze everything; "
                               "nothing to train")
-        trainable, frozen = traverse_util.unflatten_dict(tr), traverse_util.unflatten_dict(fr)
+        trainable, frozen = float32(traverse_util.unflatten_dict(tr)), traverse_util.unflatten_dict(fr)
     n_layers = config.text.num_hidden_layers
     bad = [i for i in cfg.freeze_llm_layers if not isinstance(i, int) or not 0 <= i < n_layers]
     if bad:
@@ -221,9 +216,16 @@ def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
         trainable, frozen = param_layout.unroll_layers(trainable), param_layout.unroll_layers(frozen)
         params = frozen if cfg.use_peft else traverse_util.unflatten_dict(
             {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
-    loader, size = build_loader(cfg, config, processor, records, rows, sizes, log)
+    loader, size = build_loader(cfg, config, processor, records, rows, sizes, log, batch)
+    if records is not None:
+        log(f"max_seq_length {cfg.max_seq_length}: a sample that truncation would cut through an image is dropped "
+            "and counted (dropped_samples), not cut as the original trainer cuts it")
+    eval_batch = global_batch(cfg.per_device_eval_batch_size, mesh)
+    pixel_shape = (config.vision.num_channels, cfg.max_image_size, cfg.max_image_size)
+    eval_set = E.build_eval(cfg, processor, eval_records, eval_sizes, batch_rows(mesh, eval_batch), eval_batch,
+                            pixel_shape, log)
     return Setup(cfg, config, params, processor, module, trainable, frozen, rules, loader, size, mesh, rows, layerwise,
-                 base_dir=base_dir, skipped=skipped)
+                 base_dir=base_dir, skipped=skipped, batch=batch, eval_set=eval_set, weight_dtype=weight_dtype)
 
 
 def resolve_scan_layers(scan_layers: bool | None, runtime: Runtime) -> bool:
@@ -236,33 +238,13 @@ def stacked_state(setup: Setup, state):
     return param_layout.map_param_trees(param_layout.stack_layers, state) if setup.layerwise else state
 
 
-def check_output_dir(path: str) -> None:
-    """``output_dir`` must be a directory that can be written, or one that can be created (its nearest existing
-    ancestor a writable directory). Checked before anything is written; nothing is created."""
-    target = os.path.abspath(path)
-    if os.path.lexists(os.path.join(target, "checkpoints")) and not os.path.isdir(os.path.join(target, "checkpoints")):
-        raise RecipeError(f"config key 'output_dir': {path}: its 'checkpoints' is not a directory")
-    existing = target
-    while not os.path.isdir(existing):
-        if os.path.lexists(existing):  # a file, or a link to nothing, where a directory must be
-            where = "is not a directory" if existing == target else f"lies below {existing}, which is not a directory"
-            raise RecipeError(f"config key 'output_dir': {path}: {where}")
-        existing = os.path.dirname(existing)
-    try:  # os.access ignores read-only mounts on some file systems (and root ignores permissions); a real file not
-        fd, probe = tempfile.mkstemp(prefix=".aria-jax-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise RecipeError(f"config key 'output_dir': {path}: cannot write in {existing} "
-                          f"({exc.strerror or one_line(exc)})") from None
-
-
-def to_global(setup: Setup, batch: dict) -> dict:
-    """This process's rows -> global arrays on the mesh (rows over ``setup.rows.axes``); numpy without a mesh."""
+def to_global(setup: Setup, batch: dict, rows: Rows | None = None) -> dict:
+    """This process's rows -> global arrays on the mesh (rows over ``rows.axes``, default the training batch's);
+    numpy without a mesh."""
     if setup.mesh is None:
         return batch
-    count = setup.rows.count
-    return {k: distributed.global_batch(setup.mesh, v, setup.rows.axes, len(v) * count) for k, v in batch.items()}
+    rows = rows or setup.rows
+    return {k: distributed.global_batch(setup.mesh, v, rows.axes, len(v) * rows.count) for k, v in batch.items()}
 
 
 def micro_batches(setup: Setup, n: int) -> list[dict]:
@@ -274,7 +256,8 @@ def _count(x) -> int:
     return int(jnp.sum(x))
 
 
-def make_step_fns(setup: Setup, total: int) -> tuple[Callable, Callable, Callable, dict]:
+def make_step_fns(setup: Setup, plan: Plan) -> tuple[Callable, Callable, Callable, dict, Callable | None]:
+    """(grad_fn, update, add, the fresh state, eval_fn or None without evaluation)."""
     cfg, config = setup.cfg, setup.config
     spec = S.LossSpec(
         top_k=config.text.moe_topk, aux_coeff=cfg.moe_aux_loss_coeff, z_coeff=cfg.moe_z_loss_coeff,
@@ -283,7 +266,7 @@ def make_step_fns(setup: Setup, total: int) -> tuple[Callable, Callable, Callabl
         compute_dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
     )
     grad_fn = S.make_grad_fn(S.make_objective(setup.module, spec))
-    schedule = S.make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, total, math.ceil(cfg.warmup_ratio * total))
+    schedule = S.make_schedule(cfg.lr_scheduler_type, cfg.learning_rate, plan.total, plan.warmup)
     tx = S.make_optimizer(cfg, schedule, setup.trainable)
     masks = S.layer_masks(traverse_util.flatten_dict(setup.trainable), cfg.freeze_llm_layers,
                           config.text.num_hidden_layers)
@@ -291,7 +274,8 @@ def make_step_fns(setup: Setup, total: int) -> tuple[Callable, Callable, Callabl
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
     trainable = onto_mesh(setup.trainable, setup.mesh)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-    return grad_fn, update, add, onto_mesh(state, setup.mesh)
+    eval_fn = E.make_eval_fn(setup.module, spec) if setup.eval_set is not None else None
+    return grad_fn, update, add, onto_mesh(state, setup.mesh), eval_fn
 
 
 def train_step(setup: Setup, fns, state: dict, batches: list[dict], rng: jax.Array) -> tuple[dict, dict]:
@@ -410,50 +394,77 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     check_output_dir(cfg.output_dir)
     resume = find_resume(cfg)
     setup = build(cfg, log)
-    total = S.total_steps(cfg, setup.num_samples)
-    if total > MAX_STEPS:
+    plan = Plan.make(cfg, setup.num_samples, setup.batch)
+    if plan.total > MAX_STEPS:
         raise RecipeError(f"config key 'num_train_epochs': {cfg.num_train_epochs:g} epochs of {setup.num_samples} "
-                          f"samples are {total} steps, more than {MAX_STEPS}")
-    grad_fn, update, add, state = make_step_fns(setup, total)
+                          f"samples are {plan.total} steps, more than {MAX_STEPS}")
+    log(plan.describe(setup.mesh, cfg.per_device_train_batch_size))
+    grad_fn, update, add, state, eval_fn = make_step_fns(setup, plan)
     state, start = restore_or_init(setup, state, resume)
     if start is not None:
         log(f"resumed from step {start}")
     # the first step's batches, before anything is written: a dataset whose every sample is dropped fails here
-    first = micro_batches(setup, cfg.gradient_accumulation_steps) if int(state["step"]) < total else None
+    first = micro_batches(setup, cfg.gradient_accumulation_steps) if int(state["step"]) < plan.total else None
+    tensorboard, wandb = reporters(cfg.report_to, log)
     if main:  # the run starts: only now is output_dir created and written
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_resolved(cfg, cfg.output_dir)
+    wandb_init = {"project": os.environ.get("WANDB_PROJECT", "huggingface"), "name": cfg.run_name,
+                  "config": recipe_dict(cfg), "dir": cfg.output_dir}
     with ckpt.quiet_orbax_errors():
-        manager = ckpt.open_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.save_total_limit)
+        manager = None
+        if cfg.save_strategy != "no":
+            manager = ckpt.open_manager(os.path.join(cfg.output_dir, "checkpoints"), cfg.save_total_limit)
         metrics_log = None
         try:
-            metrics_log = MetricsLog(cfg.output_dir, start, enabled=main)
-            state, metrics = train_loop(setup, (grad_fn, update, add), state, total, manager, metrics_log, first)
-            ckpt.finish(manager)
+            metrics_log = MetricsLog(cfg.output_dir, start, enabled=main, tensorboard=tensorboard,
+                                     tb_dir=cfg.logging_dir, wandb=wandb, wandb_init=wandb_init)
+            evaluator = None if eval_fn is None else (lambda st: E.evaluate(
+                setup.eval_set, eval_fn, st["trainable"], setup.frozen,
+                lambda b: to_global(setup, b, setup.eval_set.rows), log))
+            state, metrics = train_loop(setup, (grad_fn, update, add), state, plan, manager, metrics_log, first,
+                                        evaluator, quiet=getattr(log, "quiet", False))
+            if manager is not None:
+                ckpt.finish(manager)
         except BaseException:
-            ckpt.close_quietly(manager)
+            if manager is not None:
+                ckpt.close_quietly(manager)
             raise
         finally:
             if metrics_log is not None:
                 metrics_log.close()
-        manager.close()
+        if manager is not None:
+            manager.close()
     if cfg.export:
         export_final(setup, state)
     return metrics
 
 
-def train_loop(setup: Setup, fns, state: dict, total: int, manager, metrics_log: MetricsLog,
-               first: list[dict] | None = None) -> tuple[dict, dict]:
-    """Steps from ``state["step"]`` to ``total`` (``first``: the first step's batches, already drawn): metrics every
-    logging_steps, checkpoints every save_steps."""
+def train_loop(setup: Setup, fns, state: dict, plan: Plan, manager, metrics_log: MetricsLog,
+               first: list[dict] | None = None, evaluator: Callable[[dict], dict | None] | None = None,
+               quiet: bool = False) -> tuple[dict, dict]:
+    """Steps from ``state["step"]`` to ``plan.total`` (``first``: the first step's batches, already drawn): metrics,
+    checkpoints (``manager``; None: none) and evaluations (``evaluator``) at the steps ``plan`` says. Returns the
+    state and the last step's metrics (with the last evaluation's)."""
     cfg = setup.cfg
     flat = traverse_util.flatten_dict(setup.params)
     active = S.active_params(flat, setup.config.text.moe_topk, setup.config.text.moe_num_experts)
     base_rng = jax.random.key(cfg.seed)
     step = int(state["step"])
     metrics: dict = {}
-    with tqdm(total=total, initial=step, disable=not distributed.is_main_process(), desc="train") as bar:
-        while step < total:
+    evaluated: dict = {}
+
+    def evaluate() -> None:
+        result = evaluator(state)
+        if result is not None:
+            evaluated.update(result)
+            metrics_log.write({"step": step, "epoch": round(step / plan.per_epoch, 4), **result})
+
+    if evaluator is not None and cfg.eval_on_start:
+        evaluate()
+    hide = not distributed.is_main_process() or (cfg.disable_tqdm if cfg.disable_tqdm is not None else quiet)
+    with tqdm(total=plan.total, initial=step, disable=hide, desc="train") as bar:
+        while step < plan.total:
             t0 = time.perf_counter()
             batches, first = first or micro_batches(setup, cfg.gradient_accumulation_steps), None
             state, metrics = train_step(setup, fns, state, batches, jax.random.fold_in(base_rng, step))
@@ -464,10 +475,12 @@ def train_loop(setup: Setup, fns, state: dict, total: int, manager, metrics_log:
             metrics = {"step": step, "epoch": round(setup.loader.epoch_progress, 4), **metrics, "tokens": tokens,
                        "dropped_samples": setup.loader.state["dropped"], "skipped_samples": setup.skipped,
                        "tokens_per_s": tokens / dt, "step_time_s": dt, "tflops": 6.0 * active * padded / dt / 1e12}
-            if step % cfg.logging_steps == 0 or step == total:
+            if plan.log_at(step):
                 metrics_log.write(metrics)
                 bar.set_postfix(loss=f"{metrics['lm_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
-            if step % cfg.save_steps == 0 or step == total:
+            if evaluator is not None and plan.eval_at(step):
+                evaluate()
+            if manager is not None and plan.save_at(step):
                 ckpt.save(manager, step, stacked_state(setup, state), dict(setup.loader.state))
             bar.update(1)
-    return state, metrics
+    return state, {**metrics, **evaluated}

@@ -76,6 +76,20 @@ def bomb_path(tmp_path_factory):
     return str(path)
 
 
+def test_runtime_overrides_reach_the_model_and_the_stats_line(chat_dir, capsys):
+    """--runtime replaces the platform's choices (here the CPU's unrolled layout and blocked experts) and says so;
+    the reply is the default run's, token for token."""
+    args = ["generate", "--model", chat_dir[0], "--prompt", "hello there", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    default = capsys.readouterr()
+    assert "layout unrolled" in default.err and "experts blocked" in default.err
+    assert main([*args, "--runtime", "layout=stacked,experts=dense,matvec_split=1,decode_options=none"]) == 0
+    changed = capsys.readouterr()
+    assert changed.out == default.out
+    assert "experts dense" in changed.err and "layout stacked" in changed.err and "matvec split 1" in changed.err
+    assert "decode compiler options none" in changed.err and "parameter layout stacked" in changed.err
+
+
 def _run(args, capsys) -> tuple[int, list[str]]:
     capsys.readouterr()
     code = main(args)
@@ -91,6 +105,8 @@ def _run(args, capsys) -> tuple[int, list[str]]:
         (["--top-k", "-2"], "--top-k must be >= 0, got -2"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
         (["--image", "BOMB"], "BOMB: cannot read image (too many pixels, over twice Pillow's limit"),
+        (["--runtime", "experts=fast"], "--runtime: unknown experts kernel 'fast'"),
+        (["--runtime", "speed=11"], "--runtime: unknown runtime key 'speed'"),
     ],
 )
 def test_values_and_images_refused_in_one_line(chat_dir, bomb_path, extra, message, capsys):

@@ -10,7 +10,8 @@ from hf_models import image_batch
 from train_helpers import read_metrics, run_train, write_dataset
 
 from aria_jax import Aria
-from aria_jax.training.export import export_hf, load_adapter
+from aria_jax.checkpoint.peft import load_adapter
+from aria_jax.training.export import export_hf
 from aria_jax.training.lora import merge_lora
 
 
@@ -75,10 +76,11 @@ def test_lora_run_exports_merged_weights_and_adapter(tmp_path, chat_dir):
     losses = [m["lm_loss"] for m in metrics]
     assert np.mean(losses[-3:]) < losses[0], losses
     base = Aria.from_pretrained(chat_dir[0], dtype="float32")
-    adapter = load_adapter(str(out / "export" / "adapter"))
-    assert "gate_up_a" in adapter["language_model"]["layers"]["mlp"]
-    assert "projector" not in adapter  # frozen parts get no adapters
-    merged = merge_lora(base.stacked_params(), adapter, 32.0 / 8)
+    adapter = load_adapter(out / "export" / "adapter", base.config)  # PEFT's format (tests/checkpoint/test_peft_adapters.py)
+    assert "gate_up_a" in adapter.lora["language_model"]["layers"]["mlp"]
+    assert "projector" not in adapter.lora and "vision_tower" not in adapter.lora  # frozen parts get no adapters
+    assert adapter.scale == 32.0 / 8
+    merged = merge_lora(base.stacked_params(), adapter.lora, adapter.scale)
     exported = Aria.from_pretrained(out / "export" / "model", dtype="float32")
     for path, value in traverse_util.flatten_dict(merged).items():
         np.testing.assert_allclose(np.asarray(traverse_util.flatten_dict(exported.stacked_params())[path]), np.asarray(value),

@@ -24,7 +24,9 @@ def one_device(tmp_path_factory):
     pytest.param("data=2,expert=2", "true", marks=pytest.mark.slow),
 ])
 def test_mesh_training_equals_one_device(tmp_path, one_device, mesh, fsdp):
-    got = _train(tmp_path / "mesh", f"mesh={mesh}", f"fsdp={fsdp}")
+    # per_device_train_batch_size is per data-parallel device: half the rows on each of data=2 is one device's batch
+    per_device = ["per_device_train_batch_size=2"] if "data=2" in mesh else []
+    got = _train(tmp_path / "mesh", f"mesh={mesh}", f"fsdp={fsdp}", *per_device)
     assert len(got) == len(one_device) == 4
     for a, b in zip(got, one_device, strict=True):
         for key in ("loss", "lm_loss", "grad_norm", "aux_loss", "z_loss"):
