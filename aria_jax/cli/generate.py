@@ -14,6 +14,7 @@ from aria_jax.errors import ImageError, InputError
 from aria_jax.inference.api import Aria
 from aria_jax.inference.image_processor import load_image
 from aria_jax.inference.processor import ChatTemplateError, ChatTemplateRejected
+from aria_jax.inference.video import DEFAULT_NUM_FRAMES, Video, VideoError, load_video
 from aria_jax.parallel import distributed
 from aria_jax.runtime import with_overrides
 
@@ -48,22 +49,38 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "gather|dense, layout=stacked|unrolled, matvec_split=N, decode_options=none")
 
 
+def add_video_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES, metavar="N",
+                   help=f"frames sampled from each video, at the centres of N equal segments ({DEFAULT_NUM_FRAMES})")
+    p.add_argument("--fps", type=float, default=None, metavar="F",
+                   help="sample F frames per second of video instead of --num-frames")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N", help="at most N frames per video")
+    p.add_argument("--no-timestamps", dest="timestamps", action="store_false",
+                   help="video frames without their [MM:SS] timestamps (all frames, then one newline)")
+
+
 def add_parsers(sub) -> None:
-    p = sub.add_parser("generate", help="answer one prompt (with images) and print the reply",
-                       description="Answer one prompt, optionally about images, and print the reply; timing stats "
-                                   "go to stderr. The prompt is wrapped in the model's chat template.")
+    p = sub.add_parser("generate", help="answer one prompt (with images or videos) and print the reply",
+                       description="Answer one prompt, optionally about images and videos, and print the reply; "
+                                   "timing stats go to stderr. The prompt is wrapped in the model's chat template.")
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image file the prompt is about (repeat for several; they come before the text)")
+    p.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="a video file the prompt is about (mp4, avi, mkv, webm; repeat for several; after the "
+                        "images, before the text): frames at 490 px with [MM:SS] timestamps")
+    add_video_arguments(p)
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat; images by path",
+    p = sub.add_parser("chat", help="interactive chat; images and videos by path",
                        description="Interactive chat. Type a message and press enter. `/image PATH` attaches an "
-                                   "image to your next message, `/reset` starts over, `/quit` (or end of input) "
-                                   "leaves. Timing stats follow each reply.")
+                                   "image to your next message, `/video PATH` a video (--num-frames frames), "
+                                   "`/reset` starts over, `/quit` (or end of input) leaves. Timing stats follow "
+                                   "each reply.")
     add_model_arguments(p)
+    add_video_arguments(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -81,6 +98,12 @@ def _options(args: argparse.Namespace) -> dict:
         raise InputError(f"--top-k must be >= 0, got {args.top_k}")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_frames < 1:
+        raise InputError(f"--num-frames must be >= 1, got {args.num_frames}")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise InputError(f"--fps must be a finite number > 0, got {args.fps}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
     sample = args.temperature > 0
     return dict(
         max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else 1.0,
@@ -110,10 +133,23 @@ def _load_images(paths: list[str]):
     return [load_image(path) for path in paths]
 
 
+def _load_videos(paths: list[str], args: argparse.Namespace) -> list[Video]:
+    """Each video's sampled frames, decoded before the model loads (a bad file fails fast)."""
+    return [load_video(path, num_frames=args.num_frames, fps=args.fps, max_frames=args.max_frames) for path in paths]
+
+
+def _content(images: list, videos: list, text: str) -> list[dict]:
+    return ([{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+            + [{"type": "text", "text": text}])
+
+
 def cmd_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     options = _options(args)  # validate before the (slow) load
+    if args.raw and args.video:
+        raise InputError("--raw takes no --video: a video's frames and timestamps come through the chat template")
     images = _load_images(args.image)
+    videos = _load_videos(args.video, args)
     model = _load(args)
 
     main = jax.process_index() == 0  # multi-host: every process generates, process 0 prints
@@ -125,9 +161,9 @@ def cmd_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
         tokens = model.generate(**batch, **options)[0]
         print(model.processor.decode([int(t) for t in tokens], skip_special_tokens=True), file=out)
     else:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
-        for piece in model.chat([{"role": "user", "content": content}], images=images, stream=True,
-                                **image_opts, **options):
+        content = _content(images, videos, args.prompt)
+        for piece in model.chat([{"role": "user", "content": content}], images=images, videos=videos or None,
+                                timestamps=args.timestamps, stream=True, **image_opts, **options):
             print(piece, end="", file=out, flush=True)
         print(file=out)
     if main:
@@ -142,8 +178,10 @@ def cmd_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
     messages: list[dict] = []
     images: list = []
     pending: list = []
-    print(f"aria-jax chat: /image PATH attaches an image, /reset starts over, /quit leaves. [{_runtime(model)}]",
-          file=out)
+    videos: list = []
+    pending_videos: list = []
+    print(f"aria-jax chat: /image PATH attaches an image, /video PATH a video, /reset starts over, /quit leaves. "
+          f"[{_runtime(model)}]", file=out)
     while True:
         print("> ", end="", file=out, flush=True)
         line = stdin.readline()
@@ -153,7 +191,7 @@ def cmd_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
         if not line:
             continue
         if line == "/reset":
-            messages, images, pending = [], [], []
+            messages, images, pending, videos, pending_videos = [], [], [], [], []
             print("(conversation reset)", file=out)
             continue
         if line.startswith("/image"):
@@ -165,23 +203,40 @@ def cmd_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
                 continue
             print(f"(image attached: {path})", file=out)
             continue
-        content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
-        messages.append({"role": "user", "content": content})
+        if line.startswith("/video"):
+            path = line[len("/video"):].strip()
+            try:
+                video = _load_videos([path], args)[0] if path else None
+            except VideoError as e:  # unreadable, empty, no frames: say so, the session goes on
+                print(f"error: {e}", file=out)
+                continue
+            if video is None:
+                print("error: /video needs a file path", file=out)
+                continue
+            pending_videos.append(video)
+            print(f"(video attached: {path}, {len(video.frames)} frames)", file=out)
+            continue
+        messages.append({"role": "user", "content": _content(pending, pending_videos, line)})
+        kept = len(images), len(videos)  # restored when this message fails, so the next one still matches
         images += pending
-        pending = []
+        videos += pending_videos
+        pending, pending_videos = [], []
         reply = ""
         try:
-            for piece in model.chat(messages, images=images or None, stream=True, **_image_options(args), **options):
+            for piece in model.chat(messages, images=images or None, videos=videos or None,
+                                    timestamps=args.timestamps, stream=True, **_image_options(args), **options):
                 reply += piece
                 print(piece, end="", file=out, flush=True)
         except ChatTemplateError as e:
             if not isinstance(e, ChatTemplateRejected):
                 raise  # the checkpoint's template is broken for every message: exit 2
             messages.pop()  # the template refused this conversation (e.g. its roles): the user can go on
+            del images[kept[0]:], videos[kept[1]:]
             print(f"error: {e}", file=out)
             continue
         except ValueError as e:  # e.g. the conversation outgrew the context: say so and let the user /reset
             messages.pop()
+            del images[kept[0]:], videos[kept[1]:]
             print(f"error: {e}", file=out)
             continue
         print(f"\n[{model.last_stats}]", file=out)

@@ -341,6 +341,11 @@ class Aria:
         split_mode: str = "hf",
         min_image_size: int | None = None,
         split_ratio=None,
+        videos=None,
+        num_frames: int | None = 8,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        timestamps: bool = True,
         **options,
     ):
         """Reply to a conversation: the chat template, the processor, ``generate``, and the decoded new text.
@@ -349,16 +354,21 @@ class Aria:
         {"type": "text", "text": "..."}]}``); ``images`` are PIL images or file paths, one per image item.
         ``max_image_size``, ``split_image``, ``split_mode`` ("original": the original Aria crops, splitting unless
         ``split_image=False``), ``min_image_size`` and ``split_ratio`` go to the processor.
+        ``videos``: one per ``{"type": "video"}`` item (an item may name its file instead: ``"path"``), each a file
+        path (``num_frames`` frames sampled at segment centres, or ``fps`` frames per second, at most
+        ``max_frames``), an ``aria_jax.inference.video.Video`` or a list of PIL frames; each expands into its frames
+        as the original does (``[MM:SS]``, the frame, a newline; ``timestamps=False`` or bare frames: the frames then
+        one newline), at ``max_image_size`` 490 unless given (aria_jax.inference.video).
         Generation stops at ``<|im_end|>`` (and the eos ids) unless ``stop_strings`` says otherwise.
         Returns the reply as a string, or with ``stream=True`` an iterator of text pieces.
         """
         if self.processor is None:
             raise InputError("chat needs a tokenizer and chat template, and this model directory has none "
                              "(from_pretrained(..., tokenizer_path=) gives one)")
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        batch = self.processor(
-            text=[prompt], images=images or None, max_image_size=max_image_size, split_image=split_image,
-            split_mode=split_mode, min_image_size=min_image_size, split_ratio=split_ratio,
+        batch = self.processor.chat_inputs(
+            messages, images, videos, timestamps=timestamps, num_frames=num_frames, fps=fps, max_frames=max_frames,
+            max_image_size=max_image_size, split_image=split_image, split_mode=split_mode,
+            min_image_size=min_image_size, split_ratio=split_ratio,
         )
         options.setdefault("stop_strings", ["<|im_end|>"])
         args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("pixel_mask"))

@@ -7,7 +7,8 @@ rendered as transformers renders it (``chat_template.py``). Every ``<|img|>`` is
 (``size_conversion``) or ``config.json`` (``projector_patch_to_query_dict``). Batches are left-padded. The keyword
 arguments of the original rhymes-ai/Aria processor (``split_ratio``, ``min_image_size``, ``padding``,
 ``truncation``, ``max_length``, ``return_tensors``, ``return_final_prompts``) are checked and applied by
-``processor_options.py``.
+``processor_options.py``. ``chat_inputs`` takes a conversation with ``{"type": "video"}`` items and their videos
+(``video.py``): each expands into timestamped frames at 490 px, as the original's video notebook.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from aria_jax.inference.processor_options import (
     split_ratio_resolutions,
     text_options,
 )
+from aria_jax.inference.video import DEFAULT_NUM_FRAMES, VIDEO_IMAGE_SIZE, expand_videos, has_video_items
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -284,9 +286,43 @@ class AriaProcessor:
             raise ValueError("this processor has no chat template")
         batched = bool(messages) and (isinstance(messages[0], (list, tuple)) or hasattr(messages[0], "messages"))
         conversations = messages if batched else [messages]
+        if any(has_video_items(getattr(c, "messages", c)) for c in conversations):
+            raise InputError('{"type": "video"} items must be expanded into frames first: processor.chat_inputs('
+                             "messages, videos=[...]) or aria_jax.inference.video.expand_videos")
         context = {**{k: v for k, v in self.special_tokens.items() if k in _NAMED_SPECIAL}, **kwargs}
         rendered = render_chat(template, origin, conversations, add_generation_prompt, context)
         return rendered if batched else rendered[0]
+
+    def chat_inputs(
+        self,
+        messages: Sequence[Any],
+        images: Any = None,
+        videos: Sequence[Any] | None = None,
+        *,
+        timestamps: bool = True,
+        num_frames: int | None = DEFAULT_NUM_FRAMES,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        add_generation_prompt: bool = True,
+        max_image_size: int | None = None,
+        split_image: bool | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """One conversation -> model inputs: its ``{"type": "video"}`` items expanded into timestamped frames
+        (``aria_jax.inference.video.expand_videos``: ``videos`` are file paths, ``Video`` s or lists of frames,
+        ``num_frames`` / ``fps`` / ``max_frames`` sample the files, ``timestamps=False`` the plain form), the chat
+        template, then ``__call__`` with the images in order and the other ``options``. With video, images are
+        ``max_image_size`` 490 (the original's video frames: 128 tokens each) unless given, and never split."""
+        images = _flatten_images(images)
+        if videos is not None or has_video_items(messages):
+            if split_image:
+                raise ProcessorOptionError("split_image=True would split video frames; video frames are not split")
+            messages, images = expand_videos(messages, images, videos, timestamps=timestamps, num_frames=num_frames,
+                                             fps=fps, max_frames=max_frames)
+            max_image_size = VIDEO_IMAGE_SIZE if max_image_size is None else max_image_size
+        prompt = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self(text=[prompt], images=images or None, max_image_size=max_image_size, split_image=split_image,
+                    **options)
 
     def expand_image_tokens(self, text: str, counts: Iterable[int]) -> str:
         """Each image placeholder in ``text`` -> as many image tokens as the next of ``counts`` says (an iterator may

@@ -4,6 +4,11 @@ resumable seeded order (``Loader``) over a dataset (``aria_jax.training.dataset`
 Labels cover assistant turns only (their role header and image tokens excluded). A sample that truncation to
 ``max_seq_length`` would cut through an image, or leave without a trained token, is dropped and counted.
 
+A video sample's ``{"type": "video"}`` item becomes its sampled frames (``sample_indices`` over the header's frame
+count), each as ``"[MM:SS]"``, an image and ``"\n"`` (``video_content``), every frame one image at
+``max_image_size`` (never split). The frames are chosen from the header alone, so ``measure`` counts their tokens
+without decoding and agrees with ``__call__``.
+
 Multi-host: every process walks the same seeded order and decides the same global batches from cheap per-sample
 metadata (``Meta``: token count after truncation, image count, trained label count), then encodes, loads images for
 and collates only its own contiguous block of rows (``Loader``).
@@ -19,6 +24,7 @@ import numpy as np
 
 from aria_jax.errors import ImageError, InputError, one_line
 from aria_jax.inference.image_processor import image_size, load_image
+from aria_jax.inference.video import VideoError, VideoInfo, load_frames, probe, sample_indices, video_content
 from aria_jax.training.config import RecipeError
 from aria_jax.training.dataset import Record, image_items
 from aria_jax.training.losses import IGNORE_INDEX
@@ -85,11 +91,12 @@ def layout_for(metas: list[Meta], process_index: int = 0, process_count: int = 1
 class JsonlEncoder:
     """Record -> Sample with the processor: per-message chat template, images expanded, labels on assistant turns.
 
-    ``sizes``: image sizes already read from the headers (``check_images``), so ``measure`` opens no file again.
+    ``sizes``: image sizes and ``VideoInfo`` already read from the headers (``check_images``), so ``measure`` opens
+    no file again.
     """
 
     def __init__(self, processor, max_image_size: int, split_image: bool,
-                 sizes: dict[str, tuple[int, int]] | None = None):
+                 sizes: dict[str, tuple[int, int] | VideoInfo] | None = None):
         self.processor = processor
         self.max_image_size = max_image_size
         self.split_image = split_image
@@ -108,15 +115,38 @@ class JsonlEncoder:
             lab[piece == self.image_token_id] = IGNORE_INDEX
         return lab
 
+    def video_info(self, path: str) -> VideoInfo:
+        if path not in self.sizes:
+            self.sizes[path] = probe(path)
+        return self.sizes[path]
+
+    def frames(self, record: Record) -> tuple[list[dict], list[int]]:
+        """A video sample's messages with the video item expanded into its frames, and the frame indices: from
+        the header's frame count and rate alone (``measure`` and ``__call__`` alike)."""
+        if record.video is None:
+            return record.messages, []
+        info = self.video_info(record.video.path)
+        indices = sample_indices(info.frames, record.video.num_frames)
+        items = video_content([i / info.fps for i in indices])
+        messages = [{**m, "content": [x for item in m["content"] for x in (
+            items if isinstance(item, dict) and item.get("type") == "video" else [item])]}
+            if isinstance(m["content"], list) else m for m in record.messages]
+        return messages, indices
+
     def __call__(self, record: Record) -> Sample:
         ids, labels, pixels, masks = [], [], [], []
-        images = iter(record.images)
-        for message in record.messages:
+        messages, indices = self.frames(record)
+        if record.video is not None:
+            images = iter(load_frames(record.video.path, indices))
+        else:
+            images = (load_image(path) for path in record.images)
+        split = self.split_image and record.video is None  # a video frame is one image
+        for message in messages:
             text = self.processor.apply_chat_template([message])
             n_img = image_items([message])
-            imgs = [load_image(next(images)) for _ in range(n_img)]
+            imgs = [next(images) for _ in range(n_img)]
             enc = self.processor(text=text, images=imgs or None, max_image_size=self.max_image_size,
-                                 split_image=self.split_image, split_mode="original", add_special_tokens=False)
+                                 split_image=split, split_mode="original", add_special_tokens=False)
             piece = enc["input_ids"][0].astype(np.int32)
             ids.append(piece)
             labels.append(self.labels(piece, message["role"]))
@@ -140,11 +170,17 @@ class JsonlEncoder:
         """
         proc = self.processor
         per_image = proc.tokens_per_image(self.max_image_size)
-        sizes = iter(self.size(p) for p in record.images)
+        messages, indices = self.frames(record)
+        if record.video is not None:
+            info = self.video_info(record.video.path)
+            sizes = iter([(info.width, info.height)] * len(indices))
+        else:
+            sizes = iter(self.size(p) for p in record.images)
+        split = self.split_image and record.video is None
         ids, labels, crops = [], [], 0
-        for message in record.messages:
-            counts = [proc.image_processor.count_crops(*next(sizes), self.max_image_size, self.split_image,
-                                                       "original") for _ in range(image_items([message]))]
+        for message in messages:
+            counts = [proc.image_processor.count_crops(*next(sizes), self.max_image_size, split, "original")
+                      for _ in range(image_items([message]))]
             crops += sum(counts)
             text = proc.apply_chat_template([message])
             if text.count(proc.image_token) != len(counts):  # as the processor refuses it in ``__call__``
@@ -341,24 +377,24 @@ def synthetic_measure(cfg, seq_len: int) -> Callable[[int], Meta]:
 
 @dataclasses.dataclass
 class BadImages:
-    """What to do with a sample whose image fails to decode while training (its header was fine, e.g. a truncated
-    JPEG): with ``skip`` on one process, drop it (every time the order reaches it) and say so once; else stop with
-    a RecipeError naming ``file:line``. Several processes cannot drop it alike: only the one building its row
-    decodes the image."""
+    """What to do with a sample whose image or video fails to decode while training (its header was fine, e.g. a
+    truncated JPEG): with ``skip`` on one process, drop it (every time the order reaches it) and say so once; else
+    stop with a RecipeError naming ``file:line``. Several processes cannot drop it alike: only the one building its
+    row decodes the image."""
 
     skip: bool = False
     processes: int = 1
     log: Callable[[str], None] = print
     bad: set[int] = dataclasses.field(default_factory=set)
 
-    def __call__(self, index: int, record: Record, exc: ImageError) -> None:
+    def __call__(self, index: int, record: Record, exc: ImageError | VideoError) -> None:
         if self.skip and self.processes == 1:
             if index not in self.bad:
                 self.bad.add(index)
                 self.log(f"skip_bad_samples: dropping {record.where} ({exc})")
             return
         if self.processes > 1:
-            raise RecipeError(f"{record.where}: {exc}; the image decodes badly although its header is fine, and "
+            raise RecipeError(f"{record.where}: {exc}; the file decodes badly although its header is fine, and "
                               "the processes of a multi-host run cannot drop such a sample alike: remove it from "
                               "the dataset")
         raise RecipeError(f"{record.where}: {exc} (set skip_bad_samples: true to leave such samples out)")
@@ -376,7 +412,7 @@ def build_source(records: list[Record], encoder: JsonlEncoder, max_len: int, bad
         record = records[i]
         try:
             sample = encoder(record)
-        except ImageError as exc:
+        except (ImageError, VideoError) as exc:
             bad_images(i, record, exc)
             return None
         except (InputError, ValueError) as exc:  # the chat template or processor refusing this sample's content

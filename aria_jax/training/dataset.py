@@ -2,10 +2,13 @@
 
 ``DIR/train.jsonl``, one sample per line: ``{"messages": [{"role": "user"|"assistant"|"system", "content": [{"type":
 "text", "text": ...}, {"type": "image"}]}], "images": ["relative/path.png", ...]}`` (``images`` in the order of
-the image items; text-only samples have none). ``dataset_mixer`` weights mix several datasets.
+the image items; text-only samples have none). A video sample instead has ``"video": {"path": "videos/x.mp4",
+"num_frames": 8}`` (8 when absent or null) and one ``{"type": "video"}`` item in a user message, which the encoder
+(``aria_jax.training.data``) expands into the sampled frames with their timestamps. ``dataset_mixer`` weights mix
+several datasets.
 
 Bad data never ends a run with a traceback: a malformed line is a ``RecipeError`` naming ``file:line`` when the
-datasets are read, and every referenced image is checked from its header before step 0 (``check_images``: a
+datasets are read, and every referenced image and video is checked from its header before step 0 (``check_images``: a
 ``RecipeError``, or with ``skip_bad_samples`` the sample is left out and counted).
 """
 
@@ -21,7 +24,17 @@ from tqdm import tqdm
 from aria_jax.errors import ImageError, one_line
 from aria_jax.files import parse_json
 from aria_jax.inference.image_processor import image_size
+from aria_jax.inference.video import VideoError, VideoInfo, probe
 from aria_jax.training.config import RecipeError, show
+
+DEFAULT_FRAMES = 8  # the original's num_frames when a sample gives none
+MAX_FRAMES = 4096  # frames per video sample: far beyond any context (128 tokens each), and a bound on the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoRef:
+    path: str  # absolute, checked to exist inside the dataset directory
+    num_frames: int  # frames to sample (``aria_jax.inference.video.sample_indices``)
 
 
 @dataclasses.dataclass
@@ -29,14 +42,24 @@ class Record:
     messages: list[dict]
     images: list[str]  # absolute paths, checked to exist inside the dataset directory
     where: str  # "file:line" for messages
+    video: VideoRef | None = None  # a video sample: its one {"type": "video"} item becomes the sampled frames
 
+    @property
+    def media(self) -> list[str]:
+        """Every file the sample reads: its images, or its video."""
+        return self.images + ([self.video.path] if self.video is not None else [])
+
+
+def items_of(messages: list[dict], kind: str) -> int:
+    """How many content items of type ``kind`` (``image``, ``video``) the messages hold."""
+    return sum(
+        1 for m in messages if isinstance(m.get("content"), list)
+        for item in m["content"] if isinstance(item, dict) and item.get("type") == kind
+    )
 
 
 def image_items(messages: list[dict]) -> int:
-    return sum(
-        1 for m in messages if isinstance(m.get("content"), list)
-        for item in m["content"] if isinstance(item, dict) and item.get("type") == "image"
-    )
+    return items_of(messages, "image")
 
 
 ROLES = ("user", "assistant", "system")
@@ -63,9 +86,9 @@ def _check_message(m: dict, where: str) -> None:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "text" and isinstance(item.get("text"), str):
             _check_text(item["text"], where, "a text item")
-        elif kind != "image":
-            raise RecipeError(f"{where}: content item {show(item)}: expected {{'type': 'text', 'text': STRING}} or "
-                              "{'type': 'image'}")
+        elif kind not in ("image", "video"):
+            raise RecipeError(f"{where}: content item {show(item)}: expected {{'type': 'text', 'text': STRING}}, "
+                              "{'type': 'image'} or {'type': 'video'}")
 
 
 def parse_line(line: bytes | str, root: str, where: str) -> Record:
@@ -76,27 +99,52 @@ def parse_line(line: bytes | str, root: str, where: str) -> Record:
         raise RecipeError(f"{where}: 'messages' must be a non-empty list of messages")
     for m in messages:
         _check_message(m, where)
-    if obj.get("video") is not None:  # "video": null, as datasets written by the original's loader have it: none
-        raise RecipeError(f"{where}: video samples are not supported")
     images = obj.get("images") or []
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise RecipeError(f"{where}: 'images' must be a list of paths")
     if len(images) != image_items(messages):
         raise RecipeError(f"{where}: {image_items(messages)} image item(s) but {len(images)} path(s) in 'images'")
-    return Record(messages, [_image_path(root, rel, where) for rel in images], where)
+    video = _video(obj.get("video"), messages, bool(images), root, where)  # "video": null (the original's): none
+    return Record(messages, [_media_path(root, rel, where) for rel in images], where, video)
 
 
-def _image_path(root: str, rel: str, where: str) -> str:
-    """The absolute path of an image named in a line, which must stay inside the dataset directory and exist."""
+def _video(value: Any, messages: list[dict], has_images: bool, root: str, where: str) -> VideoRef | None:
+    """A line's ``video`` (None for null or absent): ``{"path": RELATIVE, "num_frames": N}`` with exactly one
+    ``{"type": "video"}`` item, in a user message, and no images (as the original refuses both in one sample)."""
+    items = items_of(messages, "video")
+    if value is None:
+        if items:
+            raise RecipeError(f"{where}: {items} video item(s) but no 'video' (expected \"video\": {{\"path\": "
+                              "PATH, \"num_frames\": N}})")
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+        raise RecipeError(f"{where}: 'video' must be {{\"path\": PATH, \"num_frames\": N}} or null, not "
+                          f"{show(value)}")
+    frames = value.get("num_frames")
+    frames = DEFAULT_FRAMES if frames is None else frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+        raise RecipeError(f"{where}: video num_frames {show(frames)} is not a whole number in 1..{MAX_FRAMES}")
+    if has_images:
+        raise RecipeError(f"{where}: a sample has 'images' or a 'video', not both (as the original)")
+    in_user = sum(items_of([m], "video") for m in messages if m.get("role") == "user")
+    if items != 1 or in_user != 1:
+        raise RecipeError(f"{where}: a 'video' needs exactly one {{'type': 'video'}} item, in a user message "
+                          f"({items} found{'' if in_user == items else ' outside user messages'})")
+    return VideoRef(_media_path(root, value["path"], where, "video"), frames)
+
+
+def _media_path(root: str, rel: str, where: str, what: str = "image") -> str:
+    """The absolute path of an image or video named in a line, which must stay inside the dataset directory and
+    exist."""
     if not rel or "\0" in rel:
-        raise RecipeError(f"{where}: image path {show(rel)} is not a file name")
-    _check_text(rel, where, "an image path")
+        raise RecipeError(f"{where}: {what} path {show(rel)} is not a file name")
+    _check_text(rel, where, f"a {what} path")
     real_root = os.path.realpath(root)
     path = os.path.realpath(os.path.join(root, rel))
     if os.path.isabs(rel) or os.path.commonpath([real_root, path]) != real_root:
-        raise RecipeError(f"{where}: image path {rel!r} escapes the dataset directory")
+        raise RecipeError(f"{where}: {what} path {rel!r} escapes the dataset directory")
     if not os.path.isfile(path):
-        raise RecipeError(f"{where}: image {rel!r} not found")
+        raise RecipeError(f"{where}: {what} {rel!r} not found")
     return path
 
 
@@ -155,27 +203,30 @@ def load_eval_records(mixer: dict[str, Any], split: str = "test") -> tuple[list[
 
 
 def check_images(records: list[Record], skip_bad: bool, log: Callable[[str], None] = print, progress: bool = False
-                 ) -> tuple[list[Record], int, dict[str, tuple[int, int]]]:
-    """Read every referenced image's header once (``image_size``: no pixels decoded for most formats), before step 0.
+                 ) -> tuple[list[Record], int, dict[str, tuple[int, int] | VideoInfo]]:
+    """Read every referenced image's and video's header once (``image_size``: no pixels decoded for most formats;
+    ``probe``: the container header, no frame decoded), before step 0.
 
-    Returns the records kept, how many were left out and the image sizes (for ``JsonlEncoder.measure``). An image
-    that cannot be read is a RecipeError naming the first sample using it, or with ``skip_bad`` every sample using
-    it is left out (one log line). The same files give the same decisions on every process.
+    Returns the records kept, how many were left out and the sizes: (width, height) per image, ``VideoInfo`` per
+    video (for ``JsonlEncoder.measure``). A file that cannot be read is a RecipeError naming the first sample
+    using it, or with ``skip_bad`` every sample using it is left out (one log line). The same files give the same
+    decisions on every process.
     """
 
-    paths = list(dict.fromkeys(p for r in records for p in r.images))
-    sizes: dict[str, tuple[int, int]] = {}
-    errors: dict[str, ImageError] = {}
+    paths = list(dict.fromkeys(p for r in records for p in r.media))
+    videos = {r.video.path for r in records if r.video is not None}
+    sizes: dict[str, tuple[int, int] | VideoInfo] = {}
+    errors: dict[str, ImageError | VideoError] = {}
     for path in tqdm(paths, desc="checking images", unit="image", disable=not progress or len(paths) < 1000):
         try:
-            sizes[path] = image_size(path)
-        except ImageError as exc:
+            sizes[path] = probe(path) if path in videos else image_size(path)
+        except (ImageError, VideoError) as exc:
             errors[path] = exc
     if not errors:
         return records, 0, sizes
     kept, first = [], None
     for record in records:
-        bad = next((p for p in record.images if p in errors), None)
+        bad = next((p for p in record.media if p in errors), None)
         if bad is None:
             kept.append(record)
             continue
@@ -184,7 +235,8 @@ def check_images(records: list[Record], skip_bad: bool, log: Callable[[str], Non
             raise RecipeError(f"{first} (set skip_bad_samples: true to leave such samples out)")
     skipped = len(records) - len(kept)
     if not kept:
-        raise RecipeError(f"every sample is dropped: all {skipped} have an unreadable image (the first: {first})")
-    log(f"skip_bad_samples: left out {skipped} of {len(records)} samples with an unreadable image (the first: "
-        f"{first})")
+        raise RecipeError(f"every sample is dropped: all {skipped} have an unreadable image or video (the first: "
+                          f"{first})")
+    log(f"skip_bad_samples: left out {skipped} of {len(records)} samples with an unreadable image or video (the "
+        f"first: {first})")
     return kept, skipped, sizes

@@ -217,6 +217,10 @@ def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
         params = frozen if cfg.use_peft else traverse_util.unflatten_dict(
             {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
     loader, size = build_loader(cfg, config, processor, records, rows, sizes, log, batch)
+    videos = sum(r.video is not None for r in records or [])
+    if videos:  # one pixel size per batch: frames take the recipe's, as the original trainer's (Aria's demo: 490)
+        log(f"video samples: {videos}; each frame one image at max_image_size {cfg.max_image_size} "
+            f"({processor.tokens_per_image(cfg.max_image_size)} tokens), never split")
     if records is not None:
         log(f"max_seq_length {cfg.max_seq_length}: a sample that truncation would cut through an image is dropped "
             "and counted (dropped_samples), not cut as the original trainer cuts it")
