@@ -14,6 +14,9 @@ run uses.
   runs one matvec on one core), 1 elsewhere.
 - ``decode_options``: XLA compiler options for the decode loop (CPU: Eigen dots, about twice as fast as YNNPACK for
   the few-row matmuls of a decode step), none elsewhere.
+- ``image_chunk_bytes``: the activation budget of one chunk of images in the vision tower and projector
+  (``model/aria.py``: ``image_chunk_size``); many images or video frames run through them in chunks this big, so
+  their peak memory does not grow with the image count. 512 MiB everywhere.
 
 ``Aria`` and training take a ``Runtime`` (``detect()`` unless the user gives one or overrides fields with
 ``Runtime.replace``), say which in their stats and logs (``describe``), and pass it down: model and kernel code read
@@ -32,6 +35,7 @@ EXPERT_KERNELS = ("blocked", "ragged", "gather", "dense")
 INFERENCE_LAYOUTS = ("stacked", "unrolled")
 # XLA:CPU's switch from YNNPACK to its Eigen dots, faster for few-row matmuls (bench/HISTORY.md, session 7); single-row
 # matvecs run the same; prefill and training keep YNNPACK, faster for many rows.
+DEFAULT_IMAGE_CHUNK_BYTES = 512 << 20  # the vision tower's activations per chunk of images (Runtime.image_chunk_bytes)
 CPU_DECODE_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_REDUCE"),)
 
 
@@ -45,6 +49,7 @@ class Runtime:
     scan_layers: bool = True
     matvec_split: int = 1
     decode_options: tuple[tuple[str, str], ...] = ()
+    image_chunk_bytes: int = DEFAULT_IMAGE_CHUNK_BYTES
 
     def __post_init__(self):
         if self.experts not in EXPERT_KERNELS:
@@ -53,6 +58,9 @@ class Runtime:
             raise ValueError(f"unknown layout '{self.layout}'; choose one of {', '.join(INFERENCE_LAYOUTS)}")
         if isinstance(self.matvec_split, bool) or not isinstance(self.matvec_split, int) or self.matvec_split < 1:
             raise ValueError(f"matvec_split must be an integer >= 1, got {self.matvec_split!r}")
+        chunk = self.image_chunk_bytes
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"image_chunk_bytes must be an integer >= 1, got {chunk!r}")
 
     def replace(self, **changes) -> Runtime:
         return dataclasses.replace(self, **changes)
@@ -61,7 +69,7 @@ class Runtime:
         options = ", ".join(f"{k}={v}" for k, v in self.decode_options) or "none"
         return (f"{self.platform}: experts {self.experts} (gather for a few rows), layout {self.layout}, "
                 f"scan_layers {str(self.scan_layers).lower()}, matvec split {self.matvec_split}, "
-                f"decode compiler options {options}")
+                f"decode compiler options {options}, image chunks of {self.image_chunk_bytes >> 20} MiB")
 
 
 def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
@@ -77,16 +85,17 @@ def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
             raise ValueError(f"runtime override '{item.strip()}' is not KEY=VALUE")
         if key in ("experts", "layout"):
             changes[key] = value
-        elif key == "matvec_split":
+        elif key in ("matvec_split", "image_chunk_bytes"):
             if not value.isdigit():
-                raise ValueError(f"runtime matvec_split must be an integer >= 1, got '{value}'")
+                raise ValueError(f"runtime {key} must be an integer >= 1, got '{value}'")
             changes[key] = int(value)
         elif key == "decode_options":
             if value != "none":
                 raise ValueError(f"runtime decode_options can only be turned off ('none'), got '{value}'")
             changes[key] = ()
         else:
-            raise ValueError(f"unknown runtime key '{key}'; known: experts, layout, matvec_split, decode_options")
+            raise ValueError(f"unknown runtime key '{key}'; known: experts, layout, matvec_split, decode_options, "
+                             "image_chunk_bytes")
     return runtime.replace(**changes)
 
 

@@ -18,12 +18,13 @@ MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, 
 MID_P2Q = {1225: 128, 4900: 256}
 
 
-def build_mid_checkpoint(directory: str, seed: int = 0):
-    """A random transformers Aria of the mid-size config, saved (hub layout); returns the torch model."""
+def build_mid_checkpoint(directory: str, seed: int = 0, **text):
+    """A random transformers Aria of the mid-size config (``text`` overrides text-config keys, e.g. a longer
+    ``max_position_embeddings``), saved (hub layout); returns the torch model."""
     import torch
     from transformers import AriaConfig, AriaForConditionalGeneration
 
-    cfg = AriaConfig(text_config={"model_type": "aria_text", **MID_TEXT},
+    cfg = AriaConfig(text_config={"model_type": "aria_text", **MID_TEXT, **text},
                      vision_config={"model_type": "idefics3_vision", **MID_VISION},
                      projector_patch_to_query_dict=MID_P2Q)
     torch.manual_seed(seed)

@@ -11,7 +11,11 @@ compiled (``jax.jit(f).lower(*abstract).compile()``). Each step is reported twic
   differently from a GPU or TPU one, so treat them as an estimate of the same order as the analytic one.
 
 The inference step is ``Decoder._prefill_impl`` (B x L prompt tokens, text only, into a KV cache of L +
-max_new_tokens slots) and one ``Decoder._step_impl`` decode step with the cache donated. The training step is
+max_new_tokens slots; long prompts prefill in chunks, ``generation.prefill_chunk_tokens``) and one
+``Decoder._step_impl`` decode step with the cache donated. ``--frames N`` makes it a video prompt: N frames at
+490 px per row (``N x Q`` image tokens, Q = 128 with Aria's projector mapping) plus ``--seq`` text tokens, the
+pixels (B*N, 3, 490, 490) float32 an argument, the vision tower and projector run in chunks of frames
+(``Runtime.image_chunk_bytes``). The training step is
 forward + backward with ``AriaModel(remat=True)`` (each decoder layer recomputed), next-token cross-entropy and an
 optax AdamW update; params are float32 master weights cast to ``--dtype`` for compute, and the Adam moments are
 sharded like the params.
@@ -27,7 +31,10 @@ vocabulary divided by the ``tensor`` axis, expert weights by the ``expert`` axis
   tokens against S keys: attention scores + probabilities ``b*H*T*S*(4+4+c)``, q/k/v/attention output
   ``4*b*T*H*hd*c``, routed experts ``b*T*k*(2*D + 3*F)*c``, shared experts ``3*b*T*F_shared*c``, and
   ``4*b*T*D*c`` of residual/norm temporaries;
-  inference: ``max(W(L, slots) + b*V*4 (last-token logits), W(1, slots))``;
+  inference: ``max(W(min(L, chunk), slots) + b*V*4 (last-token logits), W(1, slots))``, chunk: the prefill's
+  (``generation.prefill_chunk_tokens``);
+  with frames: ``+ b*L*D*c`` prompt embeddings ``+ b*N*Q*D*c`` image features ``+ b*N*3*S*S*4`` pixels
+  ``+ vision_chunk_bytes(C)`` the tower's activations on one chunk of C frames (``model/aria.py``);
   training (remat): ``layers * b*L*D*c`` saved layer inputs + ``2 * W(L, L)`` (recomputed forward and its
   backward) + ``b*L*V*(c + 4 + 4)`` (logits, float32 log-softmax and its gradient).
 
@@ -55,10 +62,12 @@ from jax.sharding import PartitionSpec as P
 
 from aria_jax import runtime
 from aria_jax.cli.checkpoints import fmt_count
+from aria_jax.cli.plan_frames import FRAME_SIZE, Frames, frame_bytes
 from aria_jax.config import PRESETS, AriaConfig
 from aria_jax.errors import InputError
 from aria_jax.files import check_writable_file, parse_size, resolve_model, write_json_atomic
-from aria_jax.inference.generation import Decoder, StopRule
+from aria_jax.inference.budget import check_context_budget
+from aria_jax.inference.generation import Decoder, StopRule, prefill_chunk_tokens
 from aria_jax.inference.sampling import SamplingConfig
 from aria_jax.model.aria import AriaModel
 from aria_jax.model.schema import declared_params, parameter_counts
@@ -149,7 +158,8 @@ def kv_cache_bytes(cfg: AriaConfig, s: Shape, slots: int, kv_heads: int) -> int:
 
 
 def inference_activations(cfg: AriaConfig, s: Shape, seq: int, slots: int) -> int:
-    prefill = _layer_working_set(cfg, s, seq, slots) + s.rows * s.vocab * 4
+    chunk = prefill_chunk_tokens(s.rows, s.heads, slots)
+    prefill = _layer_working_set(cfg, s, min(seq, chunk), slots) + s.rows * s.vocab * 4
     return max(prefill, _layer_working_set(cfg, s, 1, slots))
 
 
@@ -225,7 +235,8 @@ def _state_shardings(state: dict, mesh: Mesh, batch: int, kv_spec: P) -> dict:
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def compile_inference(cfg: AriaConfig, mesh: Mesh, params: dict, dtype, batch: int, seq: int, max_new: int) -> dict:
+def compile_inference(cfg: AriaConfig, mesh: Mesh, params: dict, dtype, batch: int, seq: int, max_new: int,
+                      frames: Frames | None = None) -> dict:
     eos = cfg.text.eos_token_id
     rule = StopRule(tuple(eos) if isinstance(eos, tuple) else (() if eos is None else (eos,)),
                     cfg.text.pad_token_id or 0, max_new)
@@ -235,16 +246,21 @@ def compile_inference(cfg: AriaConfig, mesh: Mesh, params: dict, dtype, batch: i
     tensor = mesh.shape.get("tensor", 1)
     kv_spec = P(None, *rows, "tensor" if tensor > 1 else None, None, None)  # (L, B, kv_heads, ., .)
 
-    def prefill(params, input_ids, attention_mask):
-        return decoder._prefill_impl(params, input_ids, attention_mask, None, None, jax.random.key(0),
-                                     cache_len=slots, sampling=sampling, rule=rule)
+    def prefill(params, input_ids, attention_mask, *pixels):
+        return decoder._prefill_impl(params, input_ids, attention_mask, *(pixels or (None, None)),
+                                     jax.random.key(0), cache_len=slots, sampling=sampling, rule=rule)
 
     ids = _sds((batch, seq), jnp.int32, mesh, P(*rows, None))
-    state = jax.eval_shape(prefill, params, ids, ids)
+    pixels = ()
+    if frames:
+        images, side = batch * frames.count, frames.size
+        pixels = (_sds((images, cfg.vision.num_channels, side, side), jnp.float32, mesh, P()),
+                  _sds((images, side, side), jnp.bool_, mesh, P()))
+    state = jax.eval_shape(prefill, params, ids, ids, *pixels)
     state_sh = _state_shardings(state, mesh, batch, kv_spec)
     out = {}
     start = time.perf_counter()
-    compiled = jax.jit(prefill, out_shardings=state_sh, keep_unused=True).lower(params, ids, ids).compile()
+    compiled = jax.jit(prefill, out_shardings=state_sh, keep_unused=True).lower(params, ids, ids, *pixels).compile()
     out["prefill"] = memory_stats(compiled)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
     step = jax.jit(functools.partial(decoder._step_impl, sampling=sampling, rule=rule),
@@ -327,21 +343,29 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
     hbm = parse_size(args.hbm, "--hbm", PlanError, unit_required=True)
     data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
     batch = args.batch if args.batch is not None else data
-    if batch < 1 or args.seq < 2 or args.max_new_tokens < 1:
-        raise PlanError("--batch must be >= 1, --seq >= 2 and --max-new-tokens >= 1")
+    frame_count = getattr(args, "frames", None) or 0
+    text_seq = args.seq if args.seq is not None else (64 if frame_count else 4096)
+    if batch < 1 or text_seq < 2 or args.max_new_tokens < 1 or frame_count < 0:
+        raise PlanError("--batch must be >= 1, --seq >= 2, --max-new-tokens >= 1 and --frames >= 0")
     _batch_spec(mesh, batch)
     counts = parameter_counts(cfg)
     shape = Shape(batch // data, dtype.itemsize, cfg.text.num_attention_heads // tensor, cfg.text.vocab_size // tensor)
     kv_heads = cfg.text.num_key_value_heads // tensor
+    frames = Frames.of(cfg, frame_count, dtype.itemsize, shape.rows * frame_count) if frame_count else None
+    seq = text_seq + (frames.count * frames.tokens if frames else 0)
+    if frames:  # one line naming the frame count that fits, before anything compiles
+        row = [cfg.image_token_id] * (frames.count * frames.tokens) + [0] * text_seq
+        check_context_budget([row], cfg.image_token_id, frames.tokens, args.max_new_tokens,
+                             cfg.text.max_position_embeddings)
     mesh_text = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
     lines = [
         f"model {args.model}: {counts['total']:,} parameters ({fmt_count(counts['total'])}), "
         f"{fmt_count(counts['active_per_token'])} active per text token",
         f"mesh {mesh_text} ({mesh.size} virtual CPU devices), compute dtype {dtype.name}, "
-        f"batch {batch} ({shape.rows} per device), seq {args.seq}, HBM {args.hbm} = {hbm / GIB:.2f} GiB per device",
+        f"batch {batch} ({shape.rows} per device), seq {seq}, HBM {args.hbm} = {hbm / GIB:.2f} GiB per device",
     ]
     report: dict[str, Any] = {"model": args.model, "mesh": dict(mesh.shape), "dtype": dtype.name, "batch": batch,
-                              "seq": args.seq, "hbm_bytes": hbm, "parameters": counts}
+                              "seq": seq, "frames": frame_count, "hbm_bytes": hbm, "parameters": counts}
     fits = True
 
     def verdict(name: str, analytic: int, compiled: int | None) -> None:
@@ -354,25 +378,34 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
         report[name]["fits"] = ok
 
     if args.mode in ("infer", "both"):
-        slots = args.seq + args.max_new_tokens
+        slots = seq + args.max_new_tokens
         params = abstract_tree(cfg, dtype, mesh)
         pb = params_bytes(params)
         kv = kv_cache_bytes(cfg, shape, slots, kv_heads)
-        act = inference_activations(cfg, shape, args.seq, slots)
+        act = inference_activations(cfg, shape, seq, slots)
+        video = frame_bytes(cfg, shape, frames, seq) if frames else {}
         analytic = {"params": pb["total"], "routed_experts": pb["routed_experts"], "kv_cache": kv,
-                    "activations": act, "total": pb["total"] + kv + act}
-        compiled = compile_inference(cfg, mesh, params, dtype, batch, args.seq, args.max_new_tokens)
+                    "activations": act, **video, "total": pb["total"] + kv + act + sum(video.values())}
+        compiled = compile_inference(cfg, mesh, params, dtype, batch, seq, args.max_new_tokens, frames)
         pre, dec = compiled["prefill"], compiled["decode"]
         peak = max(pre["peak_accelerator"], dec["peak_accelerator"]) if pre and dec else None
         report["inference"] = {"analytic": analytic, "compiled": compiled}
         lines += [
             "",
-            f"inference: prefill {batch} x {args.seq} tokens into a {slots}-slot KV cache, then one decode step "
+            f"inference: prefill {batch} x {seq} tokens into a {slots}-slot KV cache, then one decode step "
             f"(params {dtype.name}; compiled in {compiled['seconds']:.0f} s)",
+            *([f"video: {frames.count} frames per row at {frames.size} px, {frames.tokens} tokens each "
+               f"({frames.count * frames.tokens} image + {text_seq} text tokens); vision tower in chunks of "
+               f"{frames.chunk} frames"] if frames else []),
             _row("per device", "analytic", "compiled prefill", "compiled decode"),
             _row(f"parameters (routed experts {_gib(pb['routed_experts'])})", _gib(pb["total"])),
             _row("KV cache", _gib(kv)),
             _row("activations / temporaries", _gib(act)),
+            *([_row("pixel values (float32)", _gib(video["pixels"])),
+               _row("image features", _gib(video["image_features"])),
+               _row("prompt embeddings", _gib(video["embeddings"])),
+               _row(f"vision tower, one chunk of {frames.chunk} frames", _gib(video["vision_chunk"]))]
+              if frames else []),
             _row("total", _gib(analytic["total"])),
             *_xla_rows(pre, dec),
         ]
@@ -383,16 +416,16 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
         pb = params_bytes(params)
         adam = 2 * pb["total"]
         copy = 0 if dtype == jnp.float32 else params_bytes(params, dtype.itemsize)["total"]
-        act = training_activations(cfg, shape, args.seq)
+        act = training_activations(cfg, shape, text_seq)
         analytic = {"params": pb["total"], "routed_experts": pb["routed_experts"], "adam": adam,
                     "grads": pb["total"], "compute_copy": copy, "activations": act}
         analytic["total"] = sum(v for k, v in analytic.items() if k != "routed_experts")
-        compiled = compile_training(cfg, mesh, params, dtype, batch, args.seq)
+        compiled = compile_training(cfg, mesh, params, dtype, batch, text_seq)
         st = compiled["step"]
         report["train"] = {"analytic": analytic, "compiled": compiled}
         lines += [
             "",
-            f"training: forward + backward (remat per layer) + AdamW on {batch} x {args.seq} tokens "
+            f"training: forward + backward (remat per layer) + AdamW on {batch} x {text_seq} tokens "
             f"(float32 master params, {dtype.name} compute; compiled in {compiled['seconds']:.0f} s)",
             _row("per device", "analytic", "compiled step"),
             _row(f"parameters f32 (routed experts {_gib(pb['routed_experts'])})", _gib(pb["total"])),
@@ -441,7 +474,11 @@ def add_parser(sub) -> None:
                    "tensor)")
     p.add_argument("--mode", choices=["infer", "train", "both"], default="both", help="which steps (both)")
     p.add_argument("--batch", type=int, default=None, help="global batch rows (default: the data axis size)")
-    p.add_argument("--seq", type=int, default=4096, help="prompt / training sequence length (4096)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="prompt / training sequence length (4096); with --frames, the prompt's text tokens (64)")
+    p.add_argument("--frames", type=int, default=0, metavar="N",
+                   help=f"inference: a video prompt with N frames per row at {FRAME_SIZE} px (their image tokens "
+                   "added to --seq); fails naming the frame count that fits when the context is too short")
     p.add_argument("--max-new-tokens", type=int, default=256, help="decode tokens the KV cache holds (256)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; inference params are stored in it too (bfloat16)")

@@ -2,7 +2,10 @@
 
 Prompts are left-padded to a length bucket and the cache to a bucket of prompt + new tokens, so a new prompt
 length rarely recompiles. Positions come from the attention mask (``cumsum - 1``, padding at 0) as transformers'
-``generate`` builds them; image features are computed once, in the prefill.
+``generate`` builds them; image features are computed once, in the prefill (the vision tower in chunks of frames:
+``AriaModel.image_features``). Prompts longer than ``PREFILL_CHUNK`` tokens (video) prefill in chunks over the KV
+cache, so the prefill's temporaries are bounded by the chunk, not the prompt; a prompt whose image tokens do not fit
+the context fails first, naming the frame count that fits (``inference/budget.py``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aria_jax.inference.budget import check_context_budget
 from aria_jax.inference.sampling import SamplingConfig, select_tokens
 from aria_jax.model.aria import AriaModel
 from aria_jax.model.kv_cache import KVCache, init_cache
 from aria_jax.parallel import distributed
 
 MIN_BUCKET = 16
+# Prompts longer than PREFILL_CHUNK tokens prefill in chunks over the KV cache (a lax.fori_loop), so the decoder's
+# attention scores and expert activations are (chunk x cache slots) however long the prompt (video): at most
+# PREFILL_CHUNK tokens, fewer when one chunk's float32 scores (batch x heads x chunk x slots) would pass
+# PREFILL_SCORE_BYTES, never fewer than MIN_PREFILL_CHUNK.
+PREFILL_CHUNK = 1024
+PREFILL_SCORE_BYTES = 64 << 20
+MIN_PREFILL_CHUNK = 128
+
+def prefill_chunk_tokens(batch: int, heads: int, slots: int, limit: int = PREFILL_CHUNK) -> int:
+    """The most prompt tokens one prefill chunk takes (see PREFILL_CHUNK above)."""
+    return min(limit, max(MIN_PREFILL_CHUNK, PREFILL_SCORE_BYTES // (batch * heads * slots * 4)))
+
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """``n`` rounded up to a quarter of its power of two (16, 20, 24, 28, 32, 40, ... 128, 160, 192, ...), at least
@@ -77,8 +93,9 @@ class Decoder:
     """Compiled prefill / decode functions for one model; reused across calls (compiles once per bucket). The decode
     loop compiles with the runtime's XLA options (``Runtime.decode_options``)."""
 
-    def __init__(self, module: AriaModel):
+    def __init__(self, module: AriaModel, prefill_chunk: int = PREFILL_CHUNK):
         self.module = module
+        self.prefill_chunk = prefill_chunk
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len", "sampling", "rule", "kv_int8"))
         options = dict(module.runtime.decode_options)
         self._step = jax.jit(self._step_impl, static_argnames=("sampling", "rule"), donate_argnums=(1,),
@@ -118,16 +135,37 @@ class Decoder:
         per_layer = self.module.layout != "stacked"
         cache = init_cache(self.module.config.text, b, cache_len, self.module.dtype, per_layer, kv_int8)
         mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
-        output = self.module.apply(
-            {"params": params}, input_ids, mask, pixel_values, pixel_mask, positions=positions,
-            cache=cache, index=jnp.int32(0), last_only=True,
-        )
+        most = prefill_chunk_tokens(b, self.module.config.text.num_attention_heads, cache_len, self.prefill_chunk)
+        if p <= most:
+            output = self.module.apply(
+                {"params": params}, input_ids, mask, pixel_values, pixel_mask, positions=positions,
+                cache=cache, index=jnp.int32(0), last_only=True,
+            )
+            cache, logits = output.cache, output.logits
+        else:  # ceil(p / most) equal chunks: all but the last in a loop, then the last one, ending at p (when
+            # they do not divide p, it overlaps the one before and rewrites its keys with the same values)
+            count = -(-p // most)
+            chunk = -(-p // count)
+            embeds = self.module.apply({"params": params}, input_ids, pixel_values, pixel_mask, method="embed")
+
+            def decode(start, cache, last_only: bool):
+                piece = jax.lax.dynamic_slice_in_dim(embeds, start, chunk, axis=1)
+                where = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
+                return self.module.apply(
+                    {"params": params}, piece, where, mask, cache, start, last_only, last_only,
+                    method=lambda module, *args: module.language_model(*args),
+                )
+
+            cache = jax.lax.fori_loop(
+                0, count - 1, lambda i, cache: decode(i * chunk, cache, False)[3], cache
+            )
+            _, logits, _, cache = decode(p - chunk, cache, True)
         state = DecodeState(
-            cache=output.cache, mask=mask, position=positions[:, -1], index=jnp.int32(p),
+            cache=cache, mask=mask, position=positions[:, -1], index=jnp.int32(p),
             token=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool), step=jnp.int32(0),
             out=jnp.full((b, rule.max_new), rule.pad_id, jnp.int32), key=key,
         )
-        return self._emit(state, output.logits[:, 0], sampling, rule)
+        return self._emit(state, logits[:, 0], sampling, rule)
 
     def _step_impl(self, params, state: DecodeState, *, sampling: SamplingConfig, rule: StopRule) -> DecodeState:
         logits, state = self._advance(params, state)
@@ -178,6 +216,11 @@ class Decoder:
         looks at every token (``stop_check(row_tokens) -> bool`` marks a row done, e.g. on a stop string).
         """
         b, t = input_ids.shape
+        cfg = self.module.config
+        if pixel_values is not None:  # before anything is traced: how many frames would fit
+            per_image = cfg.queries_for_patches((np.shape(pixel_values)[-1] // cfg.vision.patch_size) ** 2)
+            check_context_budget(input_ids, cfg.image_token_id, per_image, rule.max_new,
+                                 cfg.text.max_position_embeddings)
         p = bucket(t)
         pad = p - t  # extra left padding up to the bucket: masked, so the result is unchanged
         ids = np.concatenate([np.full((b, pad), rule.pad_id, np.int32), input_ids.astype(np.int32)], axis=1)

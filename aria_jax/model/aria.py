@@ -15,7 +15,7 @@ from aria_jax.config import AriaConfig
 from aria_jax.model.decoder import TextDecoder
 from aria_jax.model.kv_cache import KVCache
 from aria_jax.model.projector import Projector
-from aria_jax.model.vision import VisionTower
+from aria_jax.model.vision import VisionTower, query_chunk
 from aria_jax.runtime import Runtime
 
 
@@ -30,6 +30,34 @@ def check_image_token_count(input_ids, num_images: int, queries_per_image: int, 
             f"Image features and image tokens do not match: {n_tokens} image tokens (id {image_token_id}) in "
             f"input_ids, but {num_images} image(s) x {queries_per_image} tokens = {n_features} features"
         )
+
+
+def vision_chunk_bytes(cfg: AriaConfig, patches: int, itemsize: int, images: int) -> int:
+    """Activation bytes of the vision tower and projector on a chunk of ``images`` images: one encoder layer's
+    working set (layers run one after another), that is residual, norms, q/k/v/attention output and the MLP hidden
+    in the compute dtype (``images * patches * (6 * D + 2 * I) * itemsize``) plus one float32 score block and its
+    probabilities, as big as ``vision.query_chunk`` makes it. An upper bound: XLA may fuse some of these away."""
+    v = cfg.vision
+    heads = v.num_attention_heads
+    scores = images * heads * query_chunk(images, heads, patches) * patches * 4
+    return images * patches * (6 * v.hidden_size + 2 * v.intermediate_size) * itemsize + 2 * scores
+
+
+def image_chunk_size(cfg: AriaConfig, patches: int, itemsize: int, budget_bytes: int, images: int) -> int:
+    """Images per chunk of the vision tower (at most ``images``): as many as ``budget_bytes`` of activations hold
+    (``vision_chunk_bytes``), at least one."""
+    chunk = 1
+    while chunk < images and vision_chunk_bytes(cfg, patches, itemsize, chunk + 1) <= budget_bytes:
+        chunk += 1
+    return chunk
+
+
+def chunk_starts(n: int, chunk: int) -> tuple[int, np.ndarray]:
+    """(size, starts): ``ceil(n / chunk)`` equal chunks of ``size <= chunk`` images covering 0..n-1, the last one
+    moved back to end at ``n`` (it may overlap the one before; no padding, no copy of the pixels)."""
+    count = -(-n // chunk)
+    size = -(-n // count)
+    return size, np.minimum(np.arange(count) * size, n - size).astype(np.int32)
 
 
 def merge_image_features(
@@ -110,10 +138,39 @@ class AriaModel(nn.Module):
             cfg.text, self.moe_backend, self.dtype, self.remat, self.mesh, self.layout, self.runtime
         )
 
-    def image_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None) -> jax.Array:
-        """(N, 3, S, S) pixels -> (N, Q, D) image tokens for the decoder."""
+    def _encode(self, pixel_values: jax.Array, pixel_mask: jax.Array | None) -> jax.Array:
+        """One chunk: (C, 3, S, S) pixels -> (C, Q, D) image tokens."""
         features, patch_valid = self.vision_tower(pixel_values.astype(self.dtype), pixel_mask)
         return self.projector(features, None if pixel_mask is None else patch_valid)
+
+    def image_features(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None) -> jax.Array:
+        """(N, 3, S, S) pixels -> (N, Q, D) image tokens for the decoder, in chunks of at most
+        ``image_chunk_size`` images (``Runtime.image_chunk_bytes``) under one ``scan``: the tower's activations
+        exist for one chunk at a time, the (N, Q, D) features for all. The pixels stay one (N, 3, S, S) argument
+        (each chunk is a slice of it, cast to the compute dtype chunk by chunk: no padding, no copy); the last
+        chunk may overlap the one before, and its repeated images are dropped. All frames' pixels exist at once
+        only as that input: the processor's float32 array on the host (128 frames at 490 px: 369 MB) and its
+        device copy."""
+        n, _, side, _ = pixel_values.shape
+        patches = (side // self.config.vision.patch_size) ** 2
+        itemsize = jnp.dtype(self.dtype).itemsize
+        chunk = image_chunk_size(self.config, patches, itemsize, self.runtime.image_chunk_bytes, n)
+        if n <= chunk or self.is_initializing():
+            return self._encode(pixel_values, pixel_mask)
+        size, starts = chunk_starts(n, chunk)
+
+        def one_chunk(module: AriaModel, carry: None, start: jax.Array) -> tuple[None, jax.Array]:
+            pixels = jax.lax.dynamic_slice_in_dim(pixel_values, start, size)
+            mask = None if pixel_mask is None else jax.lax.dynamic_slice_in_dim(pixel_mask, start, size)
+            return carry, module._encode(pixels, mask)
+
+        scan = nn.scan(one_chunk, variable_broadcast=True, split_rngs={"params": False, "dropout": True},
+                       length=len(starts))
+        _, chunks = scan(self, None, jnp.asarray(starts))  # (chunks, size, Q, D)
+        repeated = len(starts) * size - n  # the last chunk's images that the one before already has
+        if not repeated:
+            return chunks.reshape(n, *chunks.shape[2:])
+        return jnp.concatenate([chunks[:-1].reshape(-1, *chunks.shape[2:]), chunks[-1, repeated:]])
 
     def embed(
         self,
