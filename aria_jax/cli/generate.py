@@ -46,7 +46,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=8,data=1" (default: one device)')
     p.add_argument("--runtime", default=None, metavar="KEY=VALUE,...",
                    help="override the platform's kernel choices (printed with the stats): experts=ragged|blocked|"
-                        "gather|dense, layout=stacked|unrolled, matvec_split=N, decode_options=none")
+                        "gather|dense, layout=stacked|unrolled, matvec_split=N, decode_options=none, "
+                        "image_chunk_bytes=N")
 
 
 def add_video_arguments(p: argparse.ArgumentParser) -> None:
