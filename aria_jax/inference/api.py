@@ -17,7 +17,7 @@ from aria_jax.checkpoint.peft import load_adapter, merge_adapter
 from aria_jax.config import AriaConfig, resolve_dtype
 from aria_jax.errors import InputError
 from aria_jax.files import read_json, resolve_model
-from aria_jax.inference.budget import check_context_budget
+from aria_jax.inference.budget import check_prompt_budget
 from aria_jax.inference.generation import Decoder, GenerationStats, StopRule, stop_string_checker
 from aria_jax.inference.processor import AriaProcessor
 from aria_jax.inference.sampling import SamplingConfig
@@ -267,11 +267,8 @@ class Aria:
             pixel_values = pixel_values.astype(np.float32)
             if pixel_mask is not None:
                 pixel_mask = np.asarray(pixel_mask, dtype=bool)
-        if pixel_values is not None and isinstance(max_new_tokens, int) and max_new_tokens > 0:
-            # a prompt of images or video frames that outgrows the context: name the frame count that fits
-            cfg = self.config
-            per_image = cfg.queries_for_patches((pixel_values.shape[-1] // cfg.vision.patch_size) ** 2)
-            check_context_budget(ids, cfg.image_token_id, per_image, max_new_tokens, cfg.text.max_position_embeddings)
+        if isinstance(max_new_tokens, int) and max_new_tokens > 0:  # frames that outgrow the context: name the count
+            check_prompt_budget(self.config, ids, pixel_values, max_new_tokens)
         stop_check = None
         if stop_strings:
             if self.processor is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from aria_jax.config import AriaConfig
 from aria_jax.errors import InputError
 
 
@@ -44,3 +45,13 @@ def check_context_budget(
         f"max_new_tokens {max_new_tokens} exceeds the context length {context}; the frames that fit: {fit} "
         f"(num_frames={fit} or fewer, or a smaller max_new_tokens)"
     )
+
+
+def check_prompt_budget(config: AriaConfig, input_ids: np.ndarray, pixel_values, max_new_tokens: int) -> None:
+    """``check_context_budget`` for a model's prompt: the tokens per image from the pixels' size (no-op without
+    pixels). Run by ``Aria.generate`` (before its plain length check) and ``Decoder.iterate``."""
+    if pixel_values is None:
+        return
+    per_image = config.queries_for_patches((np.shape(pixel_values)[-1] // config.vision.patch_size) ** 2)
+    check_context_budget(input_ids, config.image_token_id, per_image, max_new_tokens,
+                         config.text.max_position_embeddings)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aria_jax.inference.budget import check_context_budget
+from aria_jax.inference.budget import check_prompt_budget
 from aria_jax.inference.sampling import SamplingConfig, select_tokens
 from aria_jax.model.aria import AriaModel
 from aria_jax.model.kv_cache import KVCache, init_cache
@@ -217,10 +217,7 @@ class Decoder:
         """
         b, t = input_ids.shape
         cfg = self.module.config
-        if pixel_values is not None:  # before anything is traced: how many frames would fit
-            per_image = cfg.queries_for_patches((np.shape(pixel_values)[-1] // cfg.vision.patch_size) ** 2)
-            check_context_budget(input_ids, cfg.image_token_id, per_image, rule.max_new,
-                                 cfg.text.max_position_embeddings)
+        check_prompt_budget(cfg, input_ids, pixel_values, rule.max_new)  # before anything is traced
         p = bucket(t)
         pad = p - t  # extra left padding up to the bucket: masked, so the result is unchanged
         ids = np.concatenate([np.full((b, pad), rule.pad_id, np.int32), input_ids.astype(np.int32)], axis=1)
