@@ -14,6 +14,12 @@ run uses.
   runs one matvec on one core), 1 elsewhere.
 - ``decode_options``: XLA compiler options for the decode loop (CPU: Eigen dots, about twice as fast as YNNPACK for
   the few-row matmuls of a decode step), none elsewhere.
+- ``quant``: the weight-only quantization the model holds (aria_jax.quant: ``int8``/``int4``), None for float
+  weights; not a platform choice: ``Aria.from_pretrained(quantize=...)`` and ``quantize_base`` set it.
+- ``int4_packed``: int4 weights held two per byte (GPU/TPU) or one per byte (CPU: XLA:CPU unpacks nibbles several
+  times slower than it reads int8 bytes; on disk int4 is packed everywhere).
+- ``quant_fused_rows``: up to this many rows, a quantized matmul takes the multiply-reduce forms XLA:CPU fuses with
+  the int8 read (CPU: 16; 0 elsewhere, where XLA fuses the dequantization into its dot): aria_jax.kernels.quantized.
 - ``image_chunk_bytes``: the activation budget of one chunk of images in the vision tower and projector
   (``model/aria.py``: ``image_chunk_size``); many images or video frames run through them in chunks this big, so
   their peak memory does not grow with the image count. 512 MiB everywhere.
@@ -30,6 +36,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from aria_jax.quant import Holding, QuantSpec
 
 EXPERT_KERNELS = ("blocked", "ragged", "gather", "dense")
 INFERENCE_LAYOUTS = ("stacked", "unrolled")
@@ -50,6 +58,9 @@ class Runtime:
     matvec_split: int = 1
     decode_options: tuple[tuple[str, str], ...] = ()
     image_chunk_bytes: int = DEFAULT_IMAGE_CHUNK_BYTES
+    quant: QuantSpec | None = None
+    int4_packed: bool = True
+    quant_fused_rows: int = 0
 
     def __post_init__(self):
         if self.experts not in EXPERT_KERNELS:
@@ -65,11 +76,19 @@ class Runtime:
     def replace(self, **changes) -> Runtime:
         return dataclasses.replace(self, **changes)
 
+    def holding(self, lm_head: bool = False) -> Holding | None:
+        """How a layer holds its quantized weights (None: float); ``lm_head``: for the output projection, which
+        ``QuantSpec.lm_head`` may keep in float."""
+        if self.quant is None or (lm_head and not self.quant.lm_head):
+            return None
+        return Holding(self.quant, self.int4_packed, self.quant_fused_rows)
+
     def describe(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.decode_options) or "none"
         return (f"{self.platform}: experts {self.experts} (gather for a few rows), layout {self.layout}, "
                 f"scan_layers {str(self.scan_layers).lower()}, matvec split {self.matvec_split}, "
-                f"decode compiler options {options}, image chunks of {self.image_chunk_bytes >> 20} MiB")
+                f"decode compiler options {options}, image chunks of {self.image_chunk_bytes >> 20} MiB, "
+                f"weights {self.quant.format if self.quant else 'float'}")
 
 
 def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
@@ -110,7 +129,7 @@ def detect() -> Runtime:
     name = platform()
     if name == "cpu":
         return Runtime(name, experts="blocked", layout="unrolled", scan_layers=False, matvec_split=2,
-                       decode_options=_accepted(CPU_DECODE_OPTIONS))
+                       decode_options=_accepted(CPU_DECODE_OPTIONS), int4_packed=False, quant_fused_rows=16)
     return Runtime(name)
 
 

@@ -11,7 +11,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Bottom to top; a module may import from its own layer and the layers below it.
 LAYERS = (
-    ("aria_jax.errors", "aria_jax.files", "aria_jax.config", "aria_jax.runtime"),
+    ("aria_jax.errors", "aria_jax.files", "aria_jax.config", "aria_jax.quant", "aria_jax.runtime"),
     ("aria_jax.kernels",),
     ("aria_jax.model",),
     ("aria_jax.parallel",),

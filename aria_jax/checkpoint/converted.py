@@ -29,12 +29,26 @@ from aria_jax.checkpoint.safetensors_io import DTYPES, CheckpointError
 from aria_jax.errors import one_line
 from aria_jax.files import read_json
 from aria_jax.model.schema import contiguous
+from aria_jax.quant import QuantSpec
 
 PARAMS_DIR = "params"
+QUANT_FILE = "quantization.json"  # a quantized converted directory's format (aria_jax.quant.QuantSpec.to_json)
 _ONE_PER_CHUNK = ("layers", "expert", "q_heads", "kv_heads", "vision_heads")
 _HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 Path = tuple[str, ...]
+
+
+def stored_quantization(directory: str | os.PathLike) -> QuantSpec | None:
+    """The quantization a converted directory's weights are stored in (its ``quantization.json``), or None."""
+    file = os.path.join(directory, QUANT_FILE)
+    if not os.path.isfile(file):
+        return None
+    data = read_json(file, CheckpointError)
+    try:
+        return QuantSpec.from_json(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a quantization record ({one_line(e)})") from None
 
 
 def is_converted(directory: str | os.PathLike) -> bool:

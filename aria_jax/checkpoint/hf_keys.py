@@ -20,6 +20,7 @@ import numpy as np
 from aria_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, open_checkpoint
 from aria_jax.config import AriaConfig
 from aria_jax.model.schema import Target, contiguous, tensor_specs
+from aria_jax.quant import QuantSpec, quantize, quantized_weight
 
 LAYOUTS = ("transformers5", "hub", "original")
 
@@ -94,6 +95,30 @@ def _placed_ops(sharding: jax.sharding.Sharding, shape: tuple[int, ...], dtype: 
     return zeros, jax.jit(_set_layer_impl, donate_argnums=0, out_shardings=sharding)
 
 
+def quantized_targets(target: Target, quant: QuantSpec, packed: bool) -> list[Target]:
+    """``target`` itself, or for a weight ``quant`` covers its ``_q`` and ``_scale`` targets (each transform
+    quantizes the layer's float value on the host)."""
+    rule = quantized_weight("/".join(target.path), quant)
+    if rule is None:
+        return [target]
+    lead, n_in = rule
+    lead -= target.layer is not None  # one layer of a stacked weight has one leading axis fewer
+
+    last: dict = {}  # the pair of the tensor read last: _q and _scale come from one quantization
+
+    def part(i):
+        def fn(w):
+            if last.get("source") is not w:
+                last.update(source=w, pair=quantize(target.transform(w), lead, n_in, quant, packed))
+            return last["pair"][i]
+
+        return fn
+
+    *parents, name = target.path
+    return [Target((*parents, name + "_q"), target.layer, part(0)),
+            Target((*parents, name + "_scale"), target.layer, part(1))]
+
+
 def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
@@ -156,9 +181,13 @@ def plan_tensors(tensors: dict, cfg: AriaConfig, where: str) -> tuple[str, list[
 
 
 def load_params(
-    directory: str | os.PathLike, cfg: AriaConfig, param_shapes: dict, dtype: jnp.dtype, shardings: dict | None = None
+    directory: str | os.PathLike, cfg: AriaConfig, param_shapes: dict, dtype: jnp.dtype, shardings: dict | None = None,
+    quant: QuantSpec | None = None, packed: bool = True,
 ) -> tuple[dict, str]:
     """Read an HF safetensors directory into a params pytree shaped like ``param_shapes``; returns (params, layout).
+
+    With ``quant`` (aria_jax.quant), every weight it covers is quantized on the host as it is read (one layer of one
+    tensor at a time) and only its ``_q``/``_scale`` pair reaches the device (``packed``: int4 two per byte).
 
     Tensors are streamed one at a time from memory maps, cast to ``dtype`` on the host and placed on the
     device (with ``shardings``, a tree like ``param_shapes`` of target shardings, each device receives only its
@@ -166,8 +195,16 @@ def load_params(
     """
     directory = os.fspath(directory)
     layout, items = plan_tensors(open_checkpoint(directory), cfg, directory)
+    if quant is not None:
+        items = [dataclasses.replace(item, targets=[t for target in item.targets
+                                                    for t in quantized_targets(target, quant, packed)])
+                 for item in items]
     shapes = {
         tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes)
+    }
+    dtypes = {  # the compute dtype, or a quantized pair's int8/uint8 values and float32 scales
+        tuple(k.key for k in path): np.dtype(leaf.dtype)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes)
     }
     placement = (
         {tuple(k.key for k in path): s for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
@@ -180,15 +217,16 @@ def load_params(
     for item in items:
         raw = item.file.get(item.key)
         for target in item.targets:
-            value = contiguous(target.transform(raw), np_dtype)
+            leaf_dtype = dtypes.get(target.path, np_dtype)
+            value = contiguous(target.transform(raw), leaf_dtype)
             sharding = placement.get(target.path)
             if target.layer is None:
                 _nested_set(params, target.path, jax.device_put(value, sharding))
                 continue
             zeros, set_layer = (
-                _placed_ops(sharding, shapes[target.path], np_dtype)
+                _placed_ops(sharding, shapes[target.path], leaf_dtype)
                 if sharding is not None
-                else (lambda p=target.path: jnp.zeros(shapes[p], dtype), _set_layer)
+                else (lambda p=target.path, t=leaf_dtype: jnp.zeros(shapes[p], t), _set_layer)
             )
             if target.path not in stacked:
                 stacked[target.path] = zeros()

@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aria_jax.checkpoint.converted import is_converted, restore_params
-from aria_jax.checkpoint.hf_keys import load_params
-from aria_jax.checkpoint.peft import load_adapter, merge_adapter
+from aria_jax.checkpoint.load import load_inference_params, resolve_quantization
+from aria_jax.checkpoint.peft import load_adapter
 from aria_jax.config import AriaConfig, resolve_dtype
 from aria_jax.errors import InputError
 from aria_jax.files import read_json, resolve_model
@@ -23,20 +22,13 @@ from aria_jax.inference.processor import AriaProcessor
 from aria_jax.inference.sampling import SamplingConfig
 from aria_jax.kernels.experts import MOE_BACKENDS
 from aria_jax.model.aria import AriaModel, check_image_token_count, example_inputs
+from aria_jax.model.quantize import quantize_params
 from aria_jax.model.schema import declared_params
 from aria_jax.parallel import distributed
 from aria_jax.parallel import layout as param_layout
-from aria_jax.parallel.sharding import make_mesh, param_shardings
+from aria_jax.parallel.sharding import make_mesh
+from aria_jax.quant import QuantSpec, parse
 from aria_jax.runtime import Runtime, detect
-
-
-def _load(path: str, config: AriaConfig, shapes: dict, dtype: jnp.dtype, mesh) -> dict:
-    """Params from a converted (Orbax) or HF directory, on one device or placed on ``mesh``."""
-    shardings = param_shardings(config, mesh) if mesh is not None else None
-    if is_converted(path):
-        return restore_params(path, shapes, shardings)
-    return load_params(path, config, shapes, dtype, shardings)[0]
-
 
 LAYOUTS = ("auto", "stacked", "unrolled")
 # keyword arguments of generate(text=...) that go to the processor
@@ -96,23 +88,30 @@ class Aria:
         return param_layout.to_stacked(self.params)
 
     @staticmethod
-    def param_shapes(config: AriaConfig, dtype=jnp.float32, logical: bool = False) -> dict:
+    def param_shapes(config: AriaConfig, dtype=jnp.float32, logical: bool = False, quantize: str | None = None,
+                     packed: bool = True) -> dict:
         """Abstract params (ShapeDtypeStructs, or logical axis names with ``logical=True``) from the parameter schema
-        (``aria_jax.model.schema``); allocates and traces nothing."""
-        shapes, axes = declared_params(config, jnp.dtype(dtype))
+        (``aria_jax.model.schema``; ``quantize``: int8/int4 weights as aria_jax.quant stores them); allocates and
+        traces nothing."""
+        shapes, axes = declared_params(config, jnp.dtype(dtype), parse(quantize), packed)
         return axes if logical else shapes
 
     @classmethod
     def from_config(
         cls, config: AriaConfig, seed: int = 0, dtype=None, moe_backend: str = "auto", layout: str = "auto",
-        runtime: Runtime | None = None,
+        runtime: Runtime | None = None, quantize: str | QuantSpec | None = None,
     ) -> Aria:
-        """A randomly initialised model (normal(0.02) weights, unit norms), for tests, demos and benchmarks."""
+        """A randomly initialised model (normal(0.02) weights, unit norms), for tests, demos and benchmarks;
+        ``quantize``: those weights quantized (int8/int4, aria_jax.quant)."""
         dtype = resolve_dtype(dtype, config)
         module = AriaModel(config, dtype=dtype)
         params = jax.jit(lambda key: nn.unbox(module.init(key, **example_inputs(config)))["params"])(
             jax.random.key(seed)
         )
+        runtime, quant = runtime or detect(), parse(quantize)
+        if quant is not None:
+            runtime = runtime.replace(quant=quant)
+            params = quantize_params(params, quant, runtime.int4_packed)
         return cls(config, params, dtype, moe_backend, layout=layout, runtime=runtime)
 
     @classmethod
@@ -127,6 +126,7 @@ class Aria:
         runtime: Runtime | None = None,
         tokenizer_path: str | os.PathLike | None = None,
         adapter: str | os.PathLike | None = None,
+        quantize: str | QuantSpec | None = None,
     ) -> Aria:
         """Load an HF-format safetensors directory in any of Aria's key layouts, a converted directory, or a hub id.
 
@@ -137,6 +137,9 @@ class Aria:
         template when they are not in the model directory or should be others, as the original's
         ``AriaProcessor.from_pretrained(model, tokenizer_path=...)``; it is read before the weights. ``adapter``: a PEFT
         LoRA adapter directory (aria_jax.checkpoint.peft), checked before the weights are read, merged into them.
+        ``quantize`` (``"int8"``/``"int4"``, aria_jax.quant): weight-only quantization, applied on the host while the
+        weights are read, so the float model is never held on a device; a directory converted with ``--quantize``
+        loads in its stored format without it.
         """
         path = resolve_model(path_or_hub_id, revision)
         config = AriaConfig.from_pretrained(path)
@@ -144,10 +147,11 @@ class Aria:
         processor = load_processor(path, tokenizer_path, revision)
 
         mesh = make_mesh(mesh)
+        quant = resolve_quantization(path, parse(quantize))
+        runtime = (runtime or detect()).replace(quant=quant)
+        # an adapter is merged, so every layout, expert kernel and mesh runs it at no cost per token
         lora = None if adapter is None else load_adapter(adapter, config)
-        params = _load(path, config, cls.param_shapes(config, dtype), dtype, mesh)
-        if lora is not None:  # merged, so every layout, expert kernel and mesh runs it at no cost per token
-            params = merge_adapter(params, lora)
+        params = load_inference_params(path, config, dtype, mesh, quant, runtime.int4_packed, lora)
         return cls(config, params, dtype, moe_backend, processor, read_generation_config(path), mesh,
                    layout, runtime)
 

@@ -10,6 +10,11 @@ Backends over (token, slot) pairs routed to experts, interchangeable by name:
 - ``split`` (``experts_split``): one array per expert (the ``unrolled`` parameter layout): XLA reads each in place,
   where any slice of a stacked (E, ...) array is copied first on CPU.
 
+Quantized expert weights (``kernels.quantized.QWeight``: (E, N, K) int8 or packed int4, scales per expert and
+channel) run through every backend: ``ragged`` with ``qwix.ragged_dot_general`` on qwix's QArray, ``gather`` as one
+fused int8 matvec per (token, slot) pair reading only the chosen experts' bytes, ``blocked`` and ``split`` through
+``kernels.matmul.project`` per expert, ``dense`` on the dequantized weights (the reference).
+
 ``run_experts`` takes the expert weights in whichever layout they come (``ExpertWeights``: stacked arrays or one
 array per expert, with their LoRA pairs) and a mesh, and picks the kernel: per-expert arrays run ``split``; on a
 mesh with an ``expert`` axis the experts run expert-parallel (``expert_parallel``); otherwise the backend asked
@@ -23,10 +28,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import qwix
 
 from aria_jax.kernels import grouped_mlp
 from aria_jax.kernels.activations import swiglu
 from aria_jax.kernels.expert_parallel import experts_expert_parallel
+from aria_jax.kernels.matmul import project
+from aria_jax.kernels.quantized import QWeight, as_float, values
 
 
 def _combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
@@ -50,8 +58,24 @@ class ExpertLora(NamedTuple):
 LoraArg = ExpertLora | None
 
 
-def merge_expert_lora(w: jax.Array, pair: Pair) -> jax.Array:
+def merge_expert_lora(w: jax.Array | QWeight, pair: Pair, dtype: jnp.dtype | None = None) -> jax.Array:
+    """``w + a @ b`` per expert; a quantized ``w`` is dequantized to ``dtype`` first (the reference paths)."""
+    if isinstance(w, QWeight):
+        w = as_float(w, dtype or jnp.float32)
     return w if pair is None else w + jnp.einsum("eir,ero->eio", pair[0], pair[1]).astype(w.dtype)
+
+
+def _ragged_dot(x: jax.Array, w: jax.Array | QWeight, group_sizes: jax.Array) -> jax.Array:
+    """``jax.lax.ragged_dot`` over (E, K, N) weights; quantized (E, N, K) ones through ``qwix.ragged_dot_general``
+    (qwix's QArray: the int8 values and their per-channel or per-group scales; float32 accumulation)."""
+    if not isinstance(w, QWeight):
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    scale = w.scale if w.scale.ndim == w.q.ndim else w.scale[..., None]  # per group of K, or one per channel
+    rhs = qwix.QArray(qvalue=values(w), scale=scale.astype(jnp.float32), zero_point=None, qtype=jnp.int8)
+    numbers = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    out = qwix.ragged_dot_general(x, rhs, group_sizes, numbers, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
 
 
 def _ragged_lora(x: jax.Array, pair: Pair, group_sizes: jax.Array, dropout) -> jax.Array | int:
@@ -74,9 +98,9 @@ def experts_ragged(
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)
-    h = jax.lax.ragged_dot(xs, gate_up, group_sizes) + _ragged_lora(xs, lora.gate_up, group_sizes, lora.dropout)
+    h = _ragged_dot(xs, gate_up, group_sizes) + _ragged_lora(xs, lora.gate_up, group_sizes, lora.dropout)
     act = swiglu(h)
-    ys = jax.lax.ragged_dot(act, down, group_sizes) + _ragged_lora(act, lora.down, group_sizes, lora.dropout)
+    ys = _ragged_dot(act, down, group_sizes) + _ragged_lora(act, lora.down, group_sizes, lora.dropout)
     return _combine(ys, order, weights)
 
 
@@ -84,8 +108,8 @@ def experts_dense(
     x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
 ) -> jax.Array:
     """Reference: run every expert on every token and keep each token's k outputs (E times the work)."""
-    if lora is not None:  # LoRA merged into the expert weights (no LoRA dropout on this backend)
-        gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
+    lora = lora or ExpertLora()  # LoRA merged into the expert weights (no LoRA dropout on this backend)
+    gate_up, down = merge_expert_lora(gate_up, lora.gate_up, x.dtype), merge_expert_lora(down, lora.down, x.dtype)
     h = jnp.einsum("td,edf->tef", x, gate_up)
     y = jnp.einsum("tef,efd->ted", swiglu(h), down)
     y = jnp.take_along_axis(y, ids[:, :, None], axis=1)  # (T, k, D)
@@ -96,11 +120,35 @@ def experts_gather(
     x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up: jax.Array, down: jax.Array, lora: LoraArg = None
 ) -> jax.Array:
     """Per (token, slot): gather that expert's weights and apply them; no sort, no wasted expert."""
+    if isinstance(gate_up, QWeight):
+        return _experts_gather_quantized(x, weights, ids, gate_up, down, lora)
     if lora is not None:  # LoRA merged into the expert weights (no LoRA dropout on this backend)
         gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
     h = jnp.einsum("td,tkdf->tkf", x, jnp.take(gate_up, ids, axis=0))
     y = jnp.einsum("tkf,tkfd->tkd", swiglu(h), jnp.take(down, ids, axis=0))
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+
+
+def _experts_gather_quantized(x, weights, ids, gate_up: QWeight, down: QWeight, lora: LoraArg) -> jax.Array:
+    """One (token, slot) pair at a time: its expert's int8 bytes through ``project``'s one-row form, which XLA
+    fuses with the conversion (a gathered (T, k, ...) copy would be float); LoRA pairs added unmerged."""
+    t, k = ids.shape
+    lora = lora or ExpertLora()
+
+    def branch(row, pair, e):
+        if pair is None:
+            return 0
+        a, b = (jax.lax.dynamic_index_in_dim(m, e, keepdims=False).astype(row.dtype) for m in pair)
+        return (lora.dropout(row) @ a) @ b
+
+    def one(inputs):
+        row, e = inputs
+        h = project(row[None], gate_up.index(e))[0] + branch(row, lora.gate_up, e)
+        act = swiglu(h)
+        return project(act[None], down.index(e))[0] + branch(act, lora.down, e)
+
+    ys = jax.lax.map(one, (jnp.repeat(x, k, axis=0), ids.reshape(-1))).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", ys, weights.astype(ys.dtype))
 
 
 def experts_blocked(
@@ -151,7 +199,7 @@ def _experts_blocked_lora(
 
     def expert_matmul(rows, w, pair, expert):
         pick = lambda a: jax.lax.dynamic_index_in_dim(a, expert, keepdims=False)  # noqa: E731
-        out = rows @ pick(w)
+        out = project(rows, w.index(expert) if isinstance(w, QWeight) else pick(w))
         if pair is not None:  # the LoRA branch through the same block: (dropout(x) @ A[e]) @ B[e]
             out = out + (lora.dropout(rows) @ pick(pair[0]).astype(rows.dtype)) @ pick(pair[1]).astype(rows.dtype)
         return out
@@ -243,8 +291,9 @@ def run_experts(x: jax.Array, weights: jax.Array, ids: jax.Array, experts: Exper
         # merged into the weights there (no LoRA dropout under expert parallelism).
         ragged = backend == "ragged" or (backend == "auto" and platform_default == "ragged")
         local = experts_ragged if ragged else experts_blocked
-        if lora is not None:
-            gate_up, down = merge_expert_lora(gate_up, lora.gate_up), merge_expert_lora(down, lora.down)
+        if lora is not None:  # quantized weights are dequantized to merge
+            gate_up, down = (merge_expert_lora(gate_up, lora.gate_up, x.dtype),
+                             merge_expert_lora(down, lora.down, x.dtype))
         return experts_expert_parallel(x, weights, ids, gate_up, down, mesh=mesh, backend=local, schedule=ep_schedule)
     chosen = choose_backend(backend, ids.size, experts.count, platform_default)
     return EXPERT_BACKENDS[chosen](x, weights, ids, gate_up, down, lora)

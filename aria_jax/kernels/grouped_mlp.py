@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from aria_jax.kernels.activations import swiglu
 from aria_jax.kernels.matmul import project
+from aria_jax.kernels.quantized import QWeight, dense, out_features, zero_cotangent
 
 CHUNKS = (128, 64, 32, 16)  # rows per matmul, largest first
 SLACK = CHUNKS[0]  # rows the caller appends after the last expert's rows (a last chunk may run past them)
@@ -91,7 +92,7 @@ def _forward(rows, sizes, gate_up, down):
         w1, w2, start, size = inputs
         return _expert_loop(start, size, carry, _forward_chunk(rows, w1, w2)), None
 
-    init = (jnp.zeros_like(rows), jnp.zeros((rows.shape[0], gate_up.shape[-1]), rows.dtype))
+    init = (jnp.zeros_like(rows), jnp.zeros((rows.shape[0], out_features(gate_up)), rows.dtype))
     (out, h_all), _ = jax.lax.scan(per_expert, init, (gate_up, down, _starts(sizes), sizes))
     return out, h_all
 
@@ -110,13 +111,18 @@ def _grouped_mlp_fwd(rows, sizes, gate_up, down):
 
 def _grouped_mlp_bwd(res, d_out):
     rows, sizes, gate_up, down, h_all = res
+    frozen = isinstance(gate_up, QWeight)  # quantized weights are frozen: only the rows' cotangent is computed
 
     def per_expert(d_rows, inputs):
         w1, w2, start, size = inputs
+        if frozen:
+            w1, w2 = dense(w1, rows.dtype), dense(w2, rows.dtype)
         d_rows, g1, g2 = _backward_chunk(rows, d_out, h_all, w1, w2)(d_rows, start, size, CHUNKS)
-        return d_rows, (g1, g2)
+        return d_rows, (None, None) if frozen else (g1, g2)
 
     d_rows, (g_gate_up, g_down) = jax.lax.scan(per_expert, jnp.zeros_like(rows), (gate_up, down, _starts(sizes), sizes))
+    if frozen:
+        return d_rows, None, zero_cotangent(gate_up), zero_cotangent(down)
     return d_rows, None, g_gate_up, g_down
 
 
@@ -125,7 +131,7 @@ grouped_mlp.defvjp(_grouped_mlp_fwd, _grouped_mlp_bwd)
 
 def _forward_split(rows, sizes, gate_up, down, chunks, split):
     starts = _starts(sizes)
-    carry = (jnp.zeros_like(rows), jnp.zeros((rows.shape[0], gate_up[0].shape[-1]), rows.dtype))
+    carry = (jnp.zeros_like(rows), jnp.zeros((rows.shape[0], out_features(gate_up[0])), rows.dtype))
     for e, (w1, w2) in enumerate(zip(gate_up, down, strict=True)):
         carry = _expert_loop(starts[e], sizes[e], carry, _forward_chunk(rows, w1, w2, split), chunks)
     return carry

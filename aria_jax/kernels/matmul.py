@@ -11,10 +11,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from aria_jax.kernels.quantized import QWeight, qproject
 
-def project(x: jax.Array, w: jax.Array, n_in: int = 1, split: int = 1) -> jax.Array:
+
+def project(x: jax.Array, w: jax.Array | QWeight, n_in: int = 1, split: int = 1) -> jax.Array:
     """``x`` (..., *in) times ``w`` (*in, *out), contracting the last ``n_in`` axes of x with the first of w. A single
-    row with ``split`` > 1 runs as ``split`` partial matvecs over slices of the contraction, summed."""
+    row with ``split`` > 1 runs as ``split`` partial matvecs over slices of the contraction, summed. A quantized
+    weight runs ``kernels.quantized.qproject``."""
+    if isinstance(w, QWeight):
+        return qproject(x, w, n_in)
     size_in = math.prod(w.shape[:n_in])
     if math.prod(x.shape[:-n_in]) != 1 or split == 1 or size_in % split:
         return jnp.tensordot(x, w, n_in)

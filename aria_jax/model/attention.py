@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from aria_jax.config import AriaTextConfig
 from aria_jax.kernels.matmul import project
 from aria_jax.model.kv_cache import LayerCache, cache_read, cache_write
-from aria_jax.model.layers import lora_delta, masked_softmax, param
+from aria_jax.model.layers import lora_delta, masked_softmax, weight
+from aria_jax.quant import Holding
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -42,6 +43,7 @@ class Attention(nn.Module):
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     matvec_split: int = 1  # Runtime.matvec_split (kernels.matmul.project)
+    quant: Holding | None = None  # quantized q/k/v/o kernels (Runtime.holding)
 
     @nn.compact
     def __call__(
@@ -51,10 +53,11 @@ class Attention(nn.Module):
         """Self-attention over ``x``, or, given a KV cache, over the cache with ``x``'s keys written at ``index``."""
         cfg = self.config
         d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        wq = param(self, "q_kernel", (d, nh, hd), ("embed", "q_heads", "head_dim"), self.dtype)
-        wk = param(self, "k_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
-        wv = param(self, "v_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype)
-        wo = param(self, "o_kernel", (nh, hd, d), ("q_heads", "head_dim", "embed"), self.dtype)
+        qt = self.quant
+        wq = weight(self, "q_kernel", (d, nh, hd), ("embed", "q_heads", "head_dim"), self.dtype, qt)
+        wk = weight(self, "k_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype, qt)
+        wv = weight(self, "v_kernel", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), self.dtype, qt)
+        wo = weight(self, "o_kernel", (nh, hd, d), ("q_heads", "head_dim", "embed"), self.dtype, qt, n_in=2)
         split = self.matvec_split
         q = apply_rope(project(x, wq, split=split) + lora_delta(self, "q_kernel", x, 1), cos, sin)
         k = apply_rope(project(x, wk, split=split) + lora_delta(self, "k_kernel", x, 1), cos, sin)

@@ -34,7 +34,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, LayerCache | None]]:
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="input_layernorm")(x)
-        attention = Attention(cfg, self.dtype, self.runtime.matvec_split, name="self_attn")
+        attention = Attention(cfg, self.dtype, self.runtime.matvec_split, self.runtime.holding(), name="self_attn")
         attn, cache = attention(h, cos, sin, mask, cache, index)
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x)
@@ -89,7 +89,8 @@ class TextDecoder(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.moe_backend, self.dtype, self.mesh, False, self.runtime)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype)
-        self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.runtime.matvec_split)
+        self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), False, self.dtype, self.runtime.matvec_split,
+                              self.runtime.holding(lm_head=True))
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens, input_ids, axis=0)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.kernels.matmul import project
+from aria_jax.kernels.quantized import QWeight
+from aria_jax.quant import Holding, stored_axes, stored_shapes
 
 Initializer = jax.nn.initializers.Initializer
 normal = nn.initializers.normal(stddev=0.02)
@@ -27,6 +29,29 @@ def param(
     """A parameter annotated with logical axis names (one per dimension) for the sharding rules."""
     assert len(shape) == len(axes), (name, shape, axes)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def weight(
+    module: nn.Module,
+    name: str,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: jnp.dtype,
+    quant: Holding | None = None,
+    lead: int = 0,
+    n_in: int = 1,
+    suffix: str = "",
+) -> jax.Array | QWeight:
+    """A matmul weight (``lead`` leading axes, then ``n_in`` contracted axes, then the output axes): the parameter
+    ``{name}{suffix}``, or with ``quant`` the pair ``{name}_q{suffix}`` / ``{name}_scale{suffix}`` (aria_jax.quant)."""
+    if quant is None:
+        return param(module, name + suffix, shape, axes, dtype)
+    shape, axes = tuple(shape), tuple(axes)
+    q_shape, s_shape, q_dtype = stored_shapes(shape, lead, n_in, quant.spec, quant.packed)
+    q_axes, s_axes = stored_axes(axes, lead, n_in, quant.spec)
+    q = param(module, f"{name}_q{suffix}", q_shape, q_axes, q_dtype, nn.initializers.zeros)
+    scale = param(module, f"{name}_scale{suffix}", s_shape, s_axes, jnp.float32, nn.initializers.ones)
+    return QWeight(q, scale, shape[lead + n_in :], quant.fused_rows)
 
 
 # LoRA hooks (aria_jax.training.lora): a pair ``{name}_a`` (..., in, r) / ``{name}_b`` (..., r, out) in the "lora"
@@ -78,10 +103,11 @@ class Linear(nn.Module):
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     matvec_split: int = 1  # Runtime.matvec_split: a single row as this many partial matvecs (kernels.matmul)
+    quant: Holding | None = None  # quantized kernel (Runtime.holding)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = param(self, "kernel", (x.shape[-1], self.features), self.axes, self.dtype)
+        kernel = weight(self, "kernel", (x.shape[-1], self.features), self.axes, self.dtype, self.quant)
         y = project(x, kernel, split=self.matvec_split) + lora_delta(self, "kernel", x, 1)
         if self.use_bias:
             y = y + param(self, "bias", (self.features,), self.axes[1:], self.dtype, nn.initializers.zeros)

@@ -15,7 +15,8 @@ from jax.sharding import Mesh
 from aria_jax.config import AriaTextConfig
 from aria_jax.kernels.activations import silu, softmax
 from aria_jax.kernels.experts import MOE_BACKENDS, ExpertLora, ExpertWeights, run_experts
-from aria_jax.model.layers import Linear, lora_input, lora_pair, param
+from aria_jax.model.layers import Linear, lora_input, lora_pair, param, weight
+from aria_jax.quant import Holding
 from aria_jax.runtime import Runtime
 
 
@@ -35,11 +36,13 @@ class SharedExperts(nn.Module):
     config: AriaTextConfig
     dtype: jnp.dtype = jnp.float32
     matvec_split: int = 1
+    quant: Holding | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         f, d = self.config.shared_intermediate_size, self.config.hidden_size
-        linear = lambda n, axes, name: Linear(n, axes, False, self.dtype, self.matvec_split, name=name)  # noqa: E731
+        linear = lambda n, axes, name: Linear(n, axes, False, self.dtype, self.matvec_split, self.quant,  # noqa: E731
+                                              name=name)
         gate = linear(f, ("embed", "mlp"), "gate_proj")(x)
         up = linear(f, ("embed", "mlp"), "up_proj")(x)
         return linear(d, ("mlp", "embed"), "down_proj")(silu(gate) * up)
@@ -72,20 +75,23 @@ class MoE(nn.Module):
         logits, weights, ids = route(tokens, router, cfg.moe_topk)
         routed = run_experts(tokens, weights, ids, self.expert_weights(), self.backend, self.runtime.experts,
                              self.mesh, self.ep_schedule, self.runtime.matvec_split)
-        shared = SharedExperts(cfg, self.dtype, self.runtime.matvec_split, name="shared_experts")(x)
+        shared = SharedExperts(cfg, self.dtype, self.runtime.matvec_split, self.runtime.holding(),
+                               name="shared_experts")(x)
         return routed.reshape(x.shape) + shared, logits
 
     def expert_weights(self) -> ExpertWeights:
         """This layer's routed expert weights in its layout, with their LoRA pairs."""
         e, d, f = self.config.moe_num_experts, self.config.hidden_size, self.config.intermediate_size
+        qt = self.runtime.holding()
         if self.split_experts:
-            gate_up = tuple(param(self, f"gate_up_{i}", (d, 2 * f), ("expert_embed", "expert_mlp"), self.dtype)
-                            for i in range(e))
-            down = tuple(param(self, f"down_{i}", (f, d), ("expert_mlp", "expert_embed"), self.dtype)
-                         for i in range(e))
+            gate_up = tuple(weight(self, "gate_up", (d, 2 * f), ("expert_embed", "expert_mlp"), self.dtype, qt,
+                                   suffix=f"_{i}") for i in range(e))
+            down = tuple(weight(self, "down", (f, d), ("expert_mlp", "expert_embed"), self.dtype, qt,
+                                suffix=f"_{i}") for i in range(e))
             return ExpertWeights(gate_up, down)
-        gate_up = param(self, "gate_up", (e, d, 2 * f), ("expert", "expert_embed", "expert_mlp"), self.dtype)
-        down = param(self, "down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), self.dtype)
+        gate_up = weight(self, "gate_up", (e, d, 2 * f), ("expert", "expert_embed", "expert_mlp"), self.dtype, qt,
+                         lead=1)
+        down = weight(self, "down", (e, f, d), ("expert", "expert_mlp", "expert_embed"), self.dtype, qt, lead=1)
         pairs = lora_pair(self, "gate_up"), lora_pair(self, "down")
         lora = None if pairs == (None, None) else ExpertLora(*pairs, lambda v: lora_input(self, v))
         return ExpertWeights(gate_up, down, lora)

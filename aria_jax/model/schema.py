@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from aria_jax.config import AriaConfig
+from aria_jax.quant import QuantSpec, quantized_weight, stored_axes, stored_shapes
 
 ParamSpec = tuple[tuple[int, ...], tuple[str, ...]]
 
@@ -109,16 +110,34 @@ def param_specs(cfg: AriaConfig) -> dict[str, ParamSpec]:
     return {**_text(cfg), **_vision(cfg), **_projector(cfg)}
 
 
-def declared_params(cfg: AriaConfig, dtype: jnp.dtype) -> tuple[dict, dict]:
+def stored_specs(cfg: AriaConfig, dtype: jnp.dtype, quant: QuantSpec | None = None, packed: bool = True
+                 ) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...], np.dtype]]:
+    """``param_specs`` with dtypes, each weight ``quant`` covers replaced by its ``_q`` / ``_scale`` pair
+    (aria_jax.quant; ``packed``: int4 two per byte)."""
+    out = {}
+    for path, (shape, axes) in param_specs(cfg).items():
+        rule = quantized_weight(path, quant)
+        if rule is None:
+            out[path] = (shape, axes, np.dtype(dtype))
+            continue
+        q_shape, s_shape, q_dtype = stored_shapes(shape, *rule, quant, packed)
+        q_axes, s_axes = stored_axes(axes, *rule, quant)
+        out[path + "_q"] = (q_shape, q_axes, q_dtype)
+        out[path + "_scale"] = (s_shape, s_axes, np.dtype(np.float32))
+    return out
+
+
+def declared_params(cfg: AriaConfig, dtype: jnp.dtype, quant: QuantSpec | None = None, packed: bool = True
+                    ) -> tuple[dict, dict]:
     """(ShapeDtypeStructs, logical PartitionSpecs) trees, as ``sharding.abstract_params`` returns them."""
     shapes: dict = {}
     logical: dict = {}
-    for path, (shape, axes) in param_specs(cfg).items():
+    for path, (shape, axes, leaf_dtype) in stored_specs(cfg, dtype, quant, packed).items():
         *parents, name = path.split("/")
         node_s, node_l = shapes, logical
         for key in parents:
             node_s, node_l = node_s.setdefault(key, {}), node_l.setdefault(key, {})
-        node_s[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+        node_s[name] = jax.ShapeDtypeStruct(shape, leaf_dtype)
         node_l[name] = PartitionSpec(*axes)
     return shapes, logical
 

@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 
-EXPERT_KEYS = ("gate_up", "down")
+# the routed experts' stacked parameters, float or quantized (aria_jax.quant): one array per expert when unrolled
+EXPERT_KEYS = ("gate_up", "down", "gate_up_q", "gate_up_scale", "down_q", "down_scale")
 
 
 def _layer_keys(text: dict) -> list[str]:
@@ -55,8 +58,9 @@ def stack(params: dict) -> dict:
     for layer in layers:
         mlp = dict(layer["mlp"])
         for key in EXPERT_KEYS:
-            count = sum(1 for k in mlp if k.startswith(f"{key}_"))
-            mlp[key] = jnp.stack([mlp.pop(f"{key}_{e}") for e in range(count)])
+            count = sum(1 for k in mlp if re.fullmatch(rf"{key}_\d+", k))
+            if count:
+                mlp[key] = jnp.stack([mlp.pop(f"{key}_{e}") for e in range(count)])
         layer["mlp"] = mlp
     text["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
     return {**params, "language_model": text}
@@ -100,7 +104,8 @@ def layout_of(tree: dict) -> str:
     if "layers" in text or not any(k.startswith("layers_") for k in text):
         return "stacked"
     first = text[_layer_keys(text)[0]]
-    return "unrolled" if "gate_up_0" in first.get("mlp", {}) else "per_layer"
+    mlp = first.get("mlp", {})
+    return "unrolled" if "gate_up_0" in mlp or "gate_up_q_0" in mlp else "per_layer"
 
 
 def to_stacked(tree: dict) -> dict:

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from aria_jax.config import AriaConfig
 from aria_jax.errors import InputError
 from aria_jax.model.schema import declared_params
+from aria_jax.quant import QuantSpec
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -107,10 +108,12 @@ def partition_spec(
     return PartitionSpec(*physical)
 
 
-def param_shardings(cfg: AriaConfig, mesh: Mesh | str, fsdp: bool = False) -> dict:
-    """The NamedSharding of every parameter (a tree shaped like the params) on ``mesh`` (``fsdp``: see above)."""
+def param_shardings(cfg: AriaConfig, mesh: Mesh | str, fsdp: bool = False, quant: QuantSpec | None = None,
+                    packed: bool = True) -> dict:
+    """The NamedSharding of every parameter (a tree shaped like the params) on ``mesh`` (``fsdp``: see above);
+    ``quant``/``packed``: the quantized parameters' ``_q``/``_scale`` pairs (aria_jax.quant)."""
     mesh = make_mesh(mesh)
-    shapes, logical = declared_params(cfg, jnp.float32)
+    shapes, logical = declared_params(cfg, jnp.float32, quant, packed)
     flat_logical = jax.tree_util.tree_leaves_with_path(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
     flat_shapes = jax.tree_util.tree_leaves(shapes)
     shardings = [
