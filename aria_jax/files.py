@@ -321,7 +321,7 @@ def _hub_reason(exc: Exception, revision: str | None) -> str:
     return f"{type(exc).__name__}: {one_line(exc)}"
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json", "quantization.json")
 
 
 TOKENIZER_FILES = ("*.json", "*.model", "*.jinja", "*.txt", "*.tiktoken")

@@ -20,6 +20,10 @@ run uses.
   times slower than it reads int8 bytes; on disk int4 is packed everywhere).
 - ``quant_fused_rows``: up to this many rows, a quantized matmul takes the multiply-reduce forms XLA:CPU fuses with
   the int8 read (CPU: 16; 0 elsewhere, where XLA fuses the dequantization into its dot): aria_jax.kernels.quantized.
+- ``quant_layout``: the inference layout for quantized weights: ``per_layer`` on one CPU device (the routed
+  experts stay (E, ...) stacks, so a decode step's (token, slot) pairs index the int8 bytes of their experts inside
+  one fused matvec each; per-expert arrays run through loops from which XLA hoists a float dequantization of every
+  expert), ``stacked`` elsewhere.
 - ``image_chunk_bytes``: the activation budget of one chunk of images in the vision tower and projector
   (``model/aria.py``: ``image_chunk_size``); many images or video frames run through them in chunks this big, so
   their peak memory does not grow with the image count. 512 MiB everywhere.
@@ -40,7 +44,7 @@ import jax.numpy as jnp
 from aria_jax.quant import Holding, QuantSpec
 
 EXPERT_KERNELS = ("blocked", "ragged", "gather", "dense")
-INFERENCE_LAYOUTS = ("stacked", "unrolled")
+INFERENCE_LAYOUTS = ("stacked", "per_layer", "unrolled")
 # XLA:CPU's switch from YNNPACK to its Eigen dots, faster for few-row matmuls (bench/HISTORY.md, session 7); single-row
 # matvecs run the same; prefill and training keep YNNPACK, faster for many rows.
 DEFAULT_IMAGE_CHUNK_BYTES = 512 << 20  # the vision tower's activations per chunk of images (Runtime.image_chunk_bytes)
@@ -61,12 +65,14 @@ class Runtime:
     quant: QuantSpec | None = None
     int4_packed: bool = True
     quant_fused_rows: int = 0
+    quant_layout: str = "stacked"
 
     def __post_init__(self):
         if self.experts not in EXPERT_KERNELS:
             raise ValueError(f"unknown experts kernel '{self.experts}'; choose one of {', '.join(EXPERT_KERNELS)}")
-        if self.layout not in INFERENCE_LAYOUTS:
-            raise ValueError(f"unknown layout '{self.layout}'; choose one of {', '.join(INFERENCE_LAYOUTS)}")
+        for layout in (self.layout, self.quant_layout):
+            if layout not in INFERENCE_LAYOUTS:
+                raise ValueError(f"unknown layout '{layout}'; choose one of {', '.join(INFERENCE_LAYOUTS)}")
         if isinstance(self.matvec_split, bool) or not isinstance(self.matvec_split, int) or self.matvec_split < 1:
             raise ValueError(f"matvec_split must be an integer >= 1, got {self.matvec_split!r}")
         chunk = self.image_chunk_bytes
@@ -102,7 +108,7 @@ def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not value:
             raise ValueError(f"runtime override '{item.strip()}' is not KEY=VALUE")
-        if key in ("experts", "layout"):
+        if key in ("experts", "layout", "quant_layout"):
             changes[key] = value
         elif key in ("matvec_split", "image_chunk_bytes"):
             if not value.isdigit():
@@ -113,8 +119,8 @@ def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
                 raise ValueError(f"runtime decode_options can only be turned off ('none'), got '{value}'")
             changes[key] = ()
         else:
-            raise ValueError(f"unknown runtime key '{key}'; known: experts, layout, matvec_split, decode_options, "
-                             "image_chunk_bytes")
+            raise ValueError(f"unknown runtime key '{key}'; known: experts, layout, quant_layout, matvec_split, "
+                             "decode_options, image_chunk_bytes")
     return runtime.replace(**changes)
 
 
@@ -129,7 +135,8 @@ def detect() -> Runtime:
     name = platform()
     if name == "cpu":
         return Runtime(name, experts="blocked", layout="unrolled", scan_layers=False, matvec_split=2,
-                       decode_options=_accepted(CPU_DECODE_OPTIONS), int4_packed=False, quant_fused_rows=16)
+                       decode_options=_accepted(CPU_DECODE_OPTIONS), int4_packed=False, quant_fused_rows=16,
+                       quant_layout="per_layer")
     return Runtime(name)
 
 

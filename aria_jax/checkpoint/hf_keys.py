@@ -110,7 +110,10 @@ def quantized_targets(target: Target, quant: QuantSpec, packed: bool) -> list[Ta
         def fn(w):
             if last.get("source") is not w:
                 last.update(source=w, pair=quantize(target.transform(w), lead, n_in, quant, packed))
-            return last["pair"][i]
+            pair = last["pair"]
+            if i == 1:  # _scale is taken last: drop the pair, or every target would keep its layer's pair alive
+                last.clear()
+            return pair[i]
 
         return fn
 

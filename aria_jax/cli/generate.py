@@ -44,6 +44,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, as the "
                         "original rhymes-ai/Aria trainer, PEFT or train.py write it), merged into the weights")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "expert=8,data=1" (default: one device)')
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization while loading: int8 (per channel) or int4 (groups of 128), for "
+                        "every linear layer of the language model (a directory converted with --quantize needs none)")
     p.add_argument("--runtime", default=None, metavar="KEY=VALUE,...",
                    help="override the platform's kernel choices (printed with the stats): experts=ragged|blocked|"
                         "gather|dense, layout=stacked|unrolled, matvec_split=N, decode_options=none, "
@@ -115,7 +118,7 @@ def _options(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):
     distributed.initialize()  # multi-host when JAX_COORDINATOR_ADDRESS etc. (or a TPU pod / SLURM) say so
     model = Aria.from_pretrained(args.model, dtype=args.dtype, mesh=args.mesh, tokenizer_path=args.tokenizer,
-                                 runtime=args.runtime, adapter=args.adapter)
+                                 runtime=args.runtime, adapter=args.adapter, quantize=args.quantize)
     if model.processor is None:
         raise InputError(f"{args.model}: no tokenizer files (tokenizer.json); cannot turn text into tokens "
                          "(--tokenizer PATH names a tokenizer)")

@@ -30,20 +30,23 @@ from aria_jax.parallel.sharding import make_mesh
 from aria_jax.quant import QuantSpec, parse
 from aria_jax.runtime import Runtime, detect
 
-LAYOUTS = ("auto", "stacked", "unrolled")
+LAYOUTS = ("auto", "stacked", "per_layer", "unrolled")
 # keyword arguments of generate(text=...) that go to the processor
 PROCESSOR_OPTIONS = ("max_image_size", "min_image_size", "split_image", "split_mode", "split_ratio",
                      "add_special_tokens")
 
 
 def resolve_layout(layout: str, mesh, runtime: Runtime) -> str:
-    """``auto``: the platform's inference layout (``runtime.layout``) on one device, ``stacked`` on a mesh."""
+    """``auto``: the platform's inference layout (``runtime.layout``, or ``runtime.quant_layout`` for quantized
+    weights) on one device, ``stacked`` on a mesh."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
-    if layout == "unrolled" and mesh is not None and mesh.size > 1:
-        raise ValueError("layout 'unrolled' runs on one device; use layout 'stacked' with a mesh")
+    if layout in ("unrolled", "per_layer") and mesh is not None and mesh.size > 1:
+        raise ValueError(f"layout '{layout}' runs on one device; use layout 'stacked' with a mesh")
     if layout == "auto":
-        return runtime.layout if mesh is None or mesh.size == 1 else "stacked"
+        if mesh is not None and mesh.size > 1:
+            return "stacked"
+        return runtime.quant_layout if runtime.quant is not None else runtime.layout
     return layout
 
 

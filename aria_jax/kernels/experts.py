@@ -266,12 +266,14 @@ class ExpertWeights(NamedTuple):
         return len(self.gate_up) if isinstance(self.gate_up, tuple) else self.gate_up.shape[0]
 
 
-def choose_backend(requested: str, pairs: int, num_experts: int, platform_default: str) -> str:
+def choose_backend(requested: str, pairs: int, num_experts: int, platform_default: str, quantized: bool = False
+                   ) -> str:
     """``requested``, or for ``auto``: ``gather`` when the (token, slot) pairs are no more than the experts (decode:
-    it reads only the chosen experts and has no inner loop), else the platform's choice."""
+    it reads only the chosen experts and has no inner loop; quantized: up to four pairs per expert, as its fused
+    int8 matvecs beat a dequantized copy of every expert), else the platform's choice."""
     if requested != "auto":
         return requested
-    return "gather" if pairs <= num_experts else platform_default
+    return "gather" if pairs <= num_experts * (4 if quantized else 1) else platform_default
 
 
 def run_experts(x: jax.Array, weights: jax.Array, ids: jax.Array, experts: ExpertWeights, backend: str = "auto",
@@ -295,7 +297,7 @@ def run_experts(x: jax.Array, weights: jax.Array, ids: jax.Array, experts: Exper
             gate_up, down = (merge_expert_lora(gate_up, lora.gate_up, x.dtype),
                              merge_expert_lora(down, lora.down, x.dtype))
         return experts_expert_parallel(x, weights, ids, gate_up, down, mesh=mesh, backend=local, schedule=ep_schedule)
-    chosen = choose_backend(backend, ids.size, experts.count, platform_default)
+    chosen = choose_backend(backend, ids.size, experts.count, platform_default, isinstance(gate_up, QWeight))
     return EXPERT_BACKENDS[chosen](x, weights, ids, gate_up, down, lora)
 
 

@@ -8,8 +8,8 @@ The forms (chosen by row count, measured on XLA:CPU in bench/HISTORY.md, session
 - one row, up to ``fused_rows`` > 0: ``x @ dequantize(w).T`` with x a vector: XLA:CPU fuses the int8 -> float
   conversion and the scales into its vector-matrix dot, reading the int8 bytes once (3.6x faster than a float32
   matvec of the same shape; a matrix x int8 dot materialises a float copy of the weight first);
-- 2 .. ``fused_rows`` rows: ``sum(dequantize(w) * x[:, None, :], -1)``, an explicit multiply-reduce that XLA:CPU
-  fuses the same way;
+- 2 .. ``fused_rows`` rows: ``sum(q * x[:, None, :], -1) * scale`` (per group of K for int4), an explicit
+  multiply-reduce that XLA:CPU fuses the same way;
 - more rows (prefill, training) or ``fused_rows`` 0 (GPU/TPU, where XLA fuses the dequantization into its dot):
   ``x @ dequantize(w).T``.
 
@@ -90,11 +90,26 @@ def qproject(x: jax.Array, w: QWeight, n_in: int = 1) -> jax.Array:
     if k != w.in_features or w.q.ndim != 2:
         raise ValueError(f"quantized weight {w.shape} does not take inputs {x.shape} ({n_in} contracted axes)")
     x2 = x.reshape(rows, k)
+    # The barrier keeps the dequantization next to its matmul: inside a decode loop XLA would otherwise hoist it out
+    # as loop-invariant and carry a float copy of every weight through the loop (4x the bytes per step and memory).
+    # Tied to ``x`` (which varies), the barrier cannot be hoisted itself.
+    q, scale, x2 = jax.lax.optimization_barrier((w.q, w.scale, x2))
+    w = dataclasses.replace(w, q=q, scale=scale)
+    q = values(w)
     wd = dequantize(w, x.dtype)  # (N, K)
-    if rows == 1 and w.fused_rows:
+    if rows == 1 and w.fused_rows and w.groups == 1:
+        # one scale per output channel, applied after the dot: its consumer is then a multiply, never an add that
+        # XLA:CPU would fuse into the dot as an output fusion (which takes no dequantizing producer)
+        y = (jnp.dot(x2[0], q.astype(x.dtype).T, preferred_element_type=jnp.float32) * w.scale.reshape(-1))[None]
+    elif rows == 1 and w.fused_rows:
         y = jnp.dot(x2[0], wd.T, preferred_element_type=jnp.float32)[None]
-    elif rows <= w.fused_rows:
-        y = jnp.sum(wd.astype(jnp.float32)[None] * x2.astype(jnp.float32)[:, None, :], axis=-1)
+    elif rows <= w.fused_rows and w.groups == 1:
+        y = jnp.sum(q.astype(jnp.float32)[None] * x2.astype(jnp.float32)[:, None, :], axis=-1) * w.scale.reshape(-1)
+    elif rows <= w.fused_rows:  # one such reduction per group of K (a scale broadcast inside runs ~8x slower)
+        size = k // w.groups
+        y = sum(jnp.sum(q[:, i * size : (i + 1) * size].astype(jnp.float32)[None]
+                        * x2[:, None, i * size : (i + 1) * size].astype(jnp.float32), axis=-1) * w.scale[:, i]
+                for i in range(w.groups))
     else:
         y = jnp.einsum("rk,nk->rn", x2, wd, preferred_element_type=jnp.float32)
     return y.astype(x.dtype).reshape(*lead, *w.out_shape)

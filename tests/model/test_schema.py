@@ -33,3 +33,31 @@ def test_table_equals_the_traced_model(name, cfg):
     assert sorted(got) == sorted(want)
     assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
     assert {k: tuple(v) for k, v in _flat(logical).items()} == {k: tuple(v) for k, v in _flat(want_logical).items()}
+
+
+@pytest.mark.parametrize("fmt,packed,lm_head", [("int8", True, True), ("int4", True, False), ("int4", False, True)])
+@pytest.mark.parametrize("layout", ["stacked", "unrolled"])
+def test_quantized_table_equals_the_traced_model(fmt, packed, lm_head, layout):
+    """With Runtime(quant=...) the model declares each covered weight as its _q/_scale pair, as the table says
+    (the unrolled layout: one pair per expert, as aria_jax.parallel.layout converts the stacked table)."""
+    import flax.linen as nn
+
+    from aria_jax.model.aria import AriaModel, example_inputs
+    from aria_jax.parallel.layout import to_layout
+    from aria_jax.quant import QuantSpec
+    from aria_jax.runtime import Runtime
+
+    cfg = AriaConfig.preset("tiny")
+    spec = QuantSpec(fmt, lm_head=lm_head)
+    runtime = Runtime(quant=spec, int4_packed=packed)
+    model = AriaModel(cfg, dtype=jnp.bfloat16, moe_backend="dense", layout=layout, runtime=runtime)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), **example_inputs(cfg))["params"]
+    shapes, logical = declared_params(cfg, jnp.bfloat16, spec, packed)
+    got = _flat(jax.eval_shape(lambda t: to_layout(t, layout), shapes))
+    want = _flat(nn.unbox(boxed))
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
+    assert any(k.endswith("gate_up_q']") or "gate_up_q_0" in k for k in got)
+    assert ("['lm_head']['kernel_q']" in "".join(got)) == lm_head
+    if layout == "stacked":
+        want_logical = _flat(nn.get_partition_spec(boxed))
+        assert {k: tuple(v) for k, v in _flat(logical).items()} == {k: tuple(v) for k, v in want_logical.items()}
