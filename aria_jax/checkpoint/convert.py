@@ -5,10 +5,15 @@ is written. Tensors are then streamed in file order, one at a time, scanned for 
 cast on the host and written straight into the Orbax checkpoint. All output goes to a temporary directory beside
 DST that is renamed at the end (``files.staged_directory``), so a failure leaves nothing behind, and DST may never
 overlap SRC.
+
+With a quantization (``--quantize int8|int4``, aria_jax.quant) every weight it covers is quantized on the host one
+layer of one tensor at a time (``hf_keys.quantized_targets``) and stored as its ``_q``/``_scale`` pair (int4 packed
+two per byte); the directory records the format in ``quantization.json`` (``converted.QUANT_FILE``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,8 +25,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from aria_jax.checkpoint.converted import ParamWriter
-from aria_jax.checkpoint.hf_keys import Item, plan_tensors
+from aria_jax.checkpoint.converted import QUANT_FILE, ParamWriter
+from aria_jax.checkpoint.hf_keys import Item, plan_tensors, quantized_targets
 from aria_jax.checkpoint.safetensors_io import (
     DTYPES,
     CheckpointError,
@@ -34,6 +39,7 @@ from aria_jax.config import AriaConfig, resolve_dtype
 from aria_jax.files import HUB_PATTERNS, copy_tokenizer_files, refuse_overlap, resolve_model, staged_directory
 from aria_jax.model.schema import declared_params
 from aria_jax.parallel.sharding import param_shardings
+from aria_jax.quant import QuantSpec, parse, quantized_weight
 
 PICKLES = (".bin", ".pt", ".pth")
 
@@ -119,19 +125,38 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     )
 
 
-def _file_copy(item: Item, writer: ParamWriter) -> tuple[str, int, int] | None:
+def _file_copy(item: Item, writer: ParamWriter, quant: QuantSpec | None = None) -> tuple[str, int, int] | None:
     """(file, offset, bytes) when the item's one parameter holds its safetensors bytes unchanged: copied file to
-    file (experts and embeddings, most of Aria's bytes, in the hub and transformers5 layouts)."""
+    file (experts and embeddings, most of Aria's bytes, in the hub and transformers5 layouts). Never for a weight
+    ``quant`` quantizes."""
     if not isinstance(item.file, SafetensorsFile) or len(item.targets) != 1 or not item.targets[0].is_identity:
         return None
     target = item.targets[0]
+    if quantized_weight("/".join(target.path), quant) is not None:
+        return None
     if not writer.can_copy(target.path, target.layer, item.file.dtype(item.key)):
         return None
     return (item.file.path, *item.file.byte_range(item.key))
 
 
-def write_params(items: list[Item], writer: ParamWriter, progress: bool = True, allow_nonfinite: bool = False) -> int:
+def _targets(item: Item, quant: QuantSpec | None) -> list:
+    """The item's targets, each weight ``quant`` covers replaced by its ``_q``/``_scale`` pair (int4 packed)."""
+    if quant is None:
+        return item.targets
+    return [t for target in item.targets for t in quantized_targets(target, quant, True)]
+
+
+def _write_item(writer: ParamWriter, item: Item, raw: np.ndarray, quant: QuantSpec | None) -> None:
+    for target in _targets(item, quant):
+        writer.write(target.path, target.layer, target.transform(raw))
+
+
+def write_params(items: list[Item], writer: ParamWriter, progress: bool = True, allow_nonfinite: bool = False,
+                 quant: QuantSpec | None = None) -> int:
     """Stream every item's tensor through its transforms into ``writer``; returns the bytes read.
+
+    With ``quant`` the weights it covers are quantized on the host as they stream (one layer slice at a time). The
+    quantizing targets are made per item and dropped after it, so no quantized value outlives its write.
 
     Tensors stored unchanged are copied file to file by the writer's threads (never held in memory). For the
     others three stages overlap: a thread reads the next tensor (file I/O releases the GIL) while this one
@@ -153,7 +178,7 @@ def write_params(items: list[Item], writer: ParamWriter, progress: bool = True, 
 
     try:
         with progress_bar(total, "convert", progress) as bar, ThreadPoolExecutor(1, "aria-read") as reader:
-            copies = [_file_copy(item, writer) for item in items]
+            copies = [_file_copy(item, writer, quant) for item in items]
             ahead = reader.submit(load, 0) if items else None
             for i, item in enumerate(items):
                 raw, nonfinite = ahead.result()
@@ -162,8 +187,8 @@ def write_params(items: list[Item], writer: ParamWriter, progress: bool = True, 
                     _nonfinite(item, nonfinite, allow_nonfinite)
                 if copies[i]:
                     writer.copy_file(item.targets[0].path, item.targets[0].layer, *copies[i])
-                for target in item.targets if raw is not None else ():
-                    writer.write(target.path, target.layer, target.transform(raw))
+                if raw is not None:
+                    _write_item(writer, item, raw, quant)
                 del raw
                 bar.update(item.nbytes)
     except BaseException:
@@ -180,6 +205,18 @@ def _nonfinite(item: Item, count: int, allowed: bool) -> None:
     print(f"aria-jax convert: warning: {where} (converted as they are: --allow-nonfinite)", file=sys.stderr)
 
 
+def record_quantization(directory: str, quant: QuantSpec | None) -> None:
+    """Write ``quant`` as the directory's ``quantization.json``, or remove one copied from a source (a float
+    directory must not claim a format)."""
+    file = os.path.join(directory, QUANT_FILE)
+    if quant is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(file)
+        return
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(quant.to_json(), f, indent=2)
+
+
 def convert(
     src: str,
     dst: str,
@@ -191,11 +228,14 @@ def convert(
     check: Callable[..., dict] | None = None,
     progress: bool = True,
     allow_nonfinite: bool = False,
+    quantize: str | QuantSpec | None = None,
 ) -> dict:
     """Convert ``src`` (an HF directory in any key layout, or a hub id) into ``dst``; returns a summary dict.
 
     ``dst`` may not be ``src``, contain it or lie inside it (refused before anything is read or written).
+    ``quantize``: store the weights aria_jax.quant covers as int8 / int4 (``"int8"``, ``"int4"`` or a QuantSpec).
     """
+    quant = parse(quantize)  # a bad value fails before anything is read
     if os.path.isdir(src):
         refuse_overlap(src, dst)
     if os.path.lexists(dst) and not overwrite:
@@ -205,18 +245,20 @@ def convert(
     target_dtype = resolve_dtype(dtype, cfg)
     if mesh is not None:
 
-        param_shardings(cfg, mesh)  # fail now, not after writing, if the mesh cannot shard this model
+        param_shardings(cfg, mesh, quant=quant)  # fail now, not after writing, if the mesh cannot shard this model
     tensors = open_source(path, allow_pickle)
     layout, items = plan_tensors(tensors, cfg, path)  # every name, shape and dtype checked before writing
-    summary = {"source": path, "layout": layout, "dtype": target_dtype.name, "tensors": len(items)}
+    summary = {"source": path, "layout": layout, "dtype": target_dtype.name, "tensors": len(items),
+               "quantization": quant}
     with staged_directory(dst, overwrite, sources=[path]) as tmp:
         out_cfg = dataclasses.replace(cfg, dtype=target_dtype.name)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(out_cfg.to_dict(), f, indent=2)
-        summary["copied"] = copy_tokenizer_files(path, tmp)
+        summary["copied"] = [name for name in copy_tokenizer_files(path, tmp) if name != QUANT_FILE]
+        record_quantization(tmp, quant)  # before the check: a verify reads the format from the staged directory
         # The parameter layout from the config's table, not from tracing the model (a second in a fresh process).
-        writer = ParamWriter(tmp, *declared_params(cfg, target_dtype), target_dtype)
-        summary["bytes"] = write_params(items, writer, progress, allow_nonfinite)
+        writer = ParamWriter(tmp, *declared_params(cfg, target_dtype, quant, packed=True))
+        summary["bytes"] = write_params(items, writer, progress, allow_nonfinite, quant)
         if check is not None:  # e.g. --verify: on the staged output, so a failure leaves nothing behind
             summary["check"] = check(tensors, layout, cfg, tmp, target_dtype, mesh)
     summary["destination"] = os.path.abspath(dst)

@@ -144,6 +144,11 @@ def _copy_chunk(src: str, offset: int, size: int, path: str) -> None:
             raise CheckpointError(f"{src}: truncated file: {size - done} bytes missing at offset {offset + done}")
 
 
+def _is_quantized_leaf(path: Path) -> bool:
+    """A quantized weight's ``_q`` values or ``_scale``s (aria_jax.quant): stored in their own dtypes."""
+    return path[-1].endswith(("_q", "_scale"))
+
+
 class ParamWriter:
     """Writes params into ``directory/params`` as an Orbax checkpoint, one tensor or one layer slice per call.
 
@@ -152,13 +157,16 @@ class ParamWriter:
     queues the next, so host memory holds the value being written and the one being prepared, never the tree.
     """
 
-    def __init__(self, directory: str, param_shapes: dict, logical: dict, dtype: jnp.dtype):
-        """``param_shapes`` and ``logical``: the trees of ``param_specs.declared_params`` (or
-        ``sharding.abstract_params``)."""
+    def __init__(self, directory: str, param_shapes: dict, logical: dict, dtype: jnp.dtype | None = None):
+        """``param_shapes`` and ``logical``: the trees of ``schema.declared_params`` (or
+        ``sharding.abstract_params``). Each parameter is stored in its leaf's dtype (a quantized model's ``_q``
+        int8/uint8 values and float32 ``_scale``s beside the float weights), or in ``dtype`` when it is given."""
         self.root = os.path.join(directory, PARAMS_DIR)
         os.makedirs(self.root, exist_ok=True)
-        self.dtype = np.dtype(dtype)
-        self.shapes = {p: s.shape for p, s in _leaves(param_shapes).items()}
+        leaves = _leaves(param_shapes)
+        self.shapes = {p: s.shape for p, s in leaves.items()}
+        self.dtypes = {p: np.dtype(s.dtype if dtype is None or _is_quantized_leaf(p) else dtype)
+                       for p, s in leaves.items()}
         self.chunks = {p: chunk_shape(self.shapes[p], tuple(spec)) for p, spec in _leaves(logical).items()}
         self._created: set[Path] = set()
         self._written: dict[Path, set[int | None]] = {}
@@ -170,7 +178,8 @@ class ParamWriter:
         directory = os.path.join(self.root, ".".join(path))
         if path not in self._created:
             os.makedirs(directory, exist_ok=True)
-            _dump(os.path.join(directory, ".zarray"), zarr_metadata(self.shapes[path], self.chunks[path], self.dtype))
+            meta = zarr_metadata(self.shapes[path], self.chunks[path], self.dtypes[path])
+            _dump(os.path.join(directory, ".zarray"), meta)
             self._created.add(path)
         return directory
 
@@ -185,14 +194,14 @@ class ParamWriter:
         chunks, prefix = (self.chunks[path], ()) if layer is None else (self.chunks[path][1:], (layer,))
         self.wait()
         self._pending = [
-            self._pool.submit(_write_chunk, os.path.join(directory, key), block, self.dtype)
+            self._pool.submit(_write_chunk, os.path.join(directory, key), block, self.dtypes[path])
             for key, block in chunk_pieces(np.asarray(value), chunks, prefix)
         ]
         self._written.setdefault(path, set()).add(layer)
 
     def can_copy(self, path: Path, layer: int | None, dtype: np.dtype) -> bool:
         """Whether ``copy_file`` can write this parameter (or layer slice) straight from a source file's bytes."""
-        if path not in self.shapes or np.dtype(dtype) != self.dtype:
+        if path not in self.shapes or np.dtype(dtype) != self.dtypes[path]:
             return False
         shape, chunks = self.shapes[path], self.chunks[path]
         if layer is not None:
@@ -200,16 +209,17 @@ class ParamWriter:
         return contiguous_chunks(shape, chunks)
 
     def copy_file(self, path: Path, layer: int | None, src: str, offset: int, size: int) -> None:
-        """Like ``write`` for a value whose bytes are ``size`` bytes of file ``src`` at ``offset`` (C order, this
-        writer's dtype; see ``can_copy``): each chunk file is copied file to file, no bytes pass through Python."""
+        """Like ``write`` for a value whose bytes are ``size`` bytes of file ``src`` at ``offset`` (C order, the
+        parameter's dtype; see ``can_copy``): each chunk file is copied file to file, no bytes pass through Python."""
         shape, chunks = self.shapes[path], self.chunks[path]
         prefix: tuple[int, ...] = ()
         if layer is not None:
             shape, chunks, prefix = shape[1:], chunks[1:], (layer,)
-        if size != math.prod(shape) * self.dtype.itemsize:
+        itemsize = self.dtypes[path].itemsize
+        if size != math.prod(shape) * itemsize:
             raise CheckpointError(f"parameter {'.'.join(path)}: {size} source bytes, expected shape {shape}")
         directory = self._array(path)
-        chunk_bytes = math.prod(chunks) * self.dtype.itemsize
+        chunk_bytes = math.prod(chunks) * itemsize
         grid = [range(n // c) for n, c in zip(shape, chunks, strict=True)]
         self.wait()
         self._pending = [

@@ -5,26 +5,32 @@ Each HF tensor is rebuilt from its parameter slices with the inverse transforms 
 same table the loader uses), read one tensor at a time and written straight into its shard. Tensors the model does
 not use (the vision ``post_layernorm``, vision layers past ``vision_feature_layer``) come from a base checkpoint
 when there is one, else LayerNorm's initial values and zeros, so transformers finds every parameter it declares.
+
+A quantized converted directory (``aria-jax convert --quantize``) is exported dequantized: each weight's ``_q`` and
+``_scale`` are read (one layer at a time) and multiplied back to floats (``aria_jax.quant.dequantize``), with one
+warning line, since the values are the rounded ones and not the original float weights.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 import tensorstore as ts
 
-from aria_jax.checkpoint.convert import progress_bar
-from aria_jax.checkpoint.converted import PARAMS_DIR, check_stored, is_converted
+from aria_jax.checkpoint.convert import progress_bar, record_quantization
+from aria_jax.checkpoint.converted import PARAMS_DIR, check_stored, is_converted, stored_quantization
 from aria_jax.checkpoint.hf_keys import from_hub_name
 from aria_jax.checkpoint.safetensors_io import CheckpointError, write_safetensors
-from aria_jax.config import AriaConfig
+from aria_jax.config import AriaConfig, resolve_dtype
 from aria_jax.errors import one_line
 from aria_jax.files import copy_tokenizer_files, parse_size, refuse_overlap, staged_directory, write_json_atomic
-from aria_jax.model.schema import Target, declared_params, tensor_specs
+from aria_jax.model.schema import Target, declared_params, param_specs, tensor_specs
+from aria_jax.quant import QuantSpec, dequantize, quantized_weight
 
 EXPORT_LAYOUTS = ("hub", "transformers5")
 Entry = tuple[str, np.dtype, tuple[int, ...]]
@@ -87,6 +93,35 @@ def tree_reader(params: dict) -> Read:
     return lambda path, layer: np.asarray(flat[path] if layer is None else flat[path][layer])
 
 
+def dequantized_reader(read: Read, cfg: AriaConfig, quant: QuantSpec) -> Read:
+    """``Read`` of the float parameters over ``read`` of a quantized tree (stored or in memory): each weight ``quant``
+    covers is its ``_q`` and ``_scale`` (of the same layer) dequantized to float32, with the logical shape of
+    ``schema.param_specs``; every other parameter is read as it is."""
+    specs = param_specs(cfg)
+
+    def read_float(path: tuple[str, ...], layer: int | None) -> np.ndarray:
+        name = "/".join(path)
+        rule = quantized_weight(name, quant)
+        if rule is None:
+            return read(path, layer)
+        lead, n_in = rule
+        shape = specs[name][0]
+        if layer is not None:  # one layer of a stacked weight: one leading axis fewer
+            shape, lead = shape[1:], lead - 1
+        *parents, last = path
+        q = np.asarray(read((*parents, last + "_q"), layer))
+        scale = np.asarray(read((*parents, last + "_scale"), layer))
+        return dequantize(q, scale, shape, lead, n_in)
+
+    return read_float
+
+
+def dequantized_warning(src: str, quant: QuantSpec) -> str:
+    """The one warning line of exporting a quantized directory."""
+    what = quant.format if quant.format == "int8" else f"{quant.format}, group {quant.group}"
+    return f"{src}: weights are dequantized from {what} (rounded values; not the original float weights)"
+
+
 def rebuild(read: Read, targets: list[Target], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """One HF tensor from its parameters: inverse transforms, pieces stacked along axis 0, disk shape."""
     pieces = [np.asarray(t.inverse(read(t.path, t.layer))) for t in targets]
@@ -144,8 +179,12 @@ def export(
     max_shard_size: str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    dtype: str | None = None,
 ) -> dict:
-    """Write the converted directory ``src`` as an HF checkpoint in ``layout``; returns a summary dict."""
+    """Write the converted directory ``src`` as an HF checkpoint in ``layout``; returns a summary dict.
+
+    ``dtype`` (``"float32"``, ``"bfloat16"``): the tensors' dtype; None keeps the stored float dtype. A quantized
+    directory is written dequantized, with one warning line on stderr."""
     if layout not in EXPORT_LAYOUTS:
         raise ValueError(f"unknown export layout '{layout}'; choose one of {', '.join(EXPORT_LAYOUTS)}")
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -154,13 +193,21 @@ def export(
     refuse_overlap(src, dst)
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"{os.path.abspath(dst)}: already exists; pass --overwrite to replace it")
+    out_dtype = None if dtype is None else np.dtype(resolve_dtype(dtype))
     cfg = AriaConfig.from_pretrained(src)
+    quant = stored_quantization(src)
     # names, shapes and every chunk file (a missing chunk would read as zeros) checked before anything is written
-    stored = check_stored(src, declared_params(cfg, np.float32)[0])
-    dtypes = {array.dtype for array in stored.values()}
+    stored = check_stored(src, declared_params(cfg, np.float32, quant, packed=True)[0])
+    dtypes = {array.dtype for name, array in stored.items() if not name.endswith(("_q", "_scale"))}
     if len(dtypes) != 1:
         raise CheckpointError(f"{src}: parameters in several dtypes ({sorted(map(str, dtypes))})")
+    out_dtype = out_dtype or dtypes.pop()
+    read = ParamReader(src).read
+    if quant is not None:
+        read = dequantized_reader(read, cfg, quant)
+        print(f"aria-jax export: warning: {dequantized_warning(src, quant)}", file=sys.stderr)
     with staged_directory(dst, overwrite, sources=[src]) as tmp:
-        summary = write_hf(tmp, cfg, ParamReader(src).read, dtypes.pop(), layout, max_bytes, progress=progress)
+        summary = write_hf(tmp, cfg, read, out_dtype, layout, max_bytes, progress=progress)
         copy_tokenizer_files(src, tmp)
-    return {**summary, "destination": os.path.abspath(dst)}
+        record_quantization(tmp, None)  # the exported weights are floats
+    return {**summary, "dtype": out_dtype.name, "quantization": quant, "destination": os.path.abspath(dst)}

@@ -7,7 +7,7 @@ import math
 from collections import Counter
 
 from aria_jax.checkpoint.convert import convert
-from aria_jax.checkpoint.converted import check_chunks, is_converted, stored_arrays
+from aria_jax.checkpoint.converted import check_chunks, is_converted, stored_arrays, stored_quantization
 from aria_jax.checkpoint.export import export
 from aria_jax.checkpoint.hf_keys import detect_layout, to_hub_name
 from aria_jax.checkpoint.safetensors_io import open_checkpoint
@@ -15,6 +15,7 @@ from aria_jax.cli.verify import verify_conversion
 from aria_jax.config import AriaConfig
 from aria_jax.files import resolve_model
 from aria_jax.model.schema import parameter_counts, tensor_specs
+from aria_jax.quant import FORMATS, QuantSpec, parse
 
 
 def fmt_count(n: float) -> str:
@@ -24,12 +25,27 @@ def fmt_count(n: float) -> str:
     return str(int(n))
 
 
-def _inspect_orbax(path: str) -> tuple[str, dict[str, int], int, list[str]]:
+def _inspect_orbax(path: str) -> tuple[str, dict[str, int], int, list[str], dict[str, int]]:
     stored = stored_arrays(path)
     check_chunks(path, stored.values())  # a damaged directory is reported here, not at the next load
     dtypes = Counter(str(a.dtype) for a in stored.values())
-    nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in stored.values())
-    return f"{len(stored)} arrays in an Orbax checkpoint", dtypes, nbytes, []
+    kinds = Counter()  # bytes per kind: a quantized weight's values and scales, and the weights stored as floats
+    for name, a in stored.items():
+        paired = name.endswith("_q") and name[:-2] + "_scale" in stored
+        scale = name.endswith("_scale") and name[:-6] + "_q" in stored
+        kinds["quantized values" if paired else "scales" if scale else "float weights"] += (
+            math.prod(a.shape) * a.dtype.itemsize)
+    return f"{len(stored)} arrays in an Orbax checkpoint", dtypes, sum(kinds.values()), [], kinds
+
+
+def _print_quantization(quant: QuantSpec, kinds: dict[str, int]) -> None:
+    group = "one scale per output channel" if quant.format == "int8" else f"group {quant.group}"
+    head = "quantized" if quant.lm_head else "float"
+    print(f"quantization:      {quant.format} ({group}; lm_head {head})")
+    for kind, label in (("quantized values", f"{quant.format} values"), ("scales", "scales"),
+                        ("float weights", "float weights")):
+        n = kinds.get(kind, 0)
+        print(f"  {label + ':':<17}{n:,} ({n / 2**30:.2f} GiB)")
 
 
 def _inspect_hf(path: str, cfg: AriaConfig) -> tuple[str, str, dict[str, int], int, list[str]]:
@@ -46,9 +62,11 @@ def _inspect_hf(path: str, cfg: AriaConfig) -> tuple[str, str, dict[str, int], i
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = resolve_model(args.path)
     cfg = AriaConfig.from_pretrained(path)
+    quant, kinds = None, {}
     if is_converted(path):
         layout = "orbax"
-        where, dtypes, nbytes, unknown = _inspect_orbax(path)
+        where, dtypes, nbytes, unknown, kinds = _inspect_orbax(path)
+        quant = stored_quantization(path)
     else:
         layout, where, dtypes, nbytes, unknown = _inspect_hf(path, cfg)
     counts = parameter_counts(cfg)
@@ -57,6 +75,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"tensors:           {where}")
     print(f"dtypes:            {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}")
     print(f"bytes:             {nbytes:,} ({nbytes / 2**30:.2f} GiB)")
+    if quant is not None:
+        _print_quantization(quant, kinds)
     print(f"parameters:        {counts['total']:,} ({fmt_count(counts['total'])})")
     print(f"  routed experts:  {counts['routed_experts']:,} ({fmt_count(counts['routed_experts'])})")
     print(f"  active/token:    {counts['active_per_token']:,} ({fmt_count(counts['active_per_token'])})")
@@ -75,7 +95,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantization(value: str | None) -> QuantSpec | None:
+    """``--quantize``'s value, or ValueError naming it (one line, exit status 2)."""
+    try:
+        return parse(value)
+    except ValueError:
+        raise ValueError(f"--quantize {value!r}: unknown quantization; choose one of {', '.join(FORMATS)}") from None
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    quant = _quantization(args.quantize)  # before anything is read
     summary = convert(
         args.src,
         args.dst,
@@ -87,10 +116,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         check=verify_conversion if args.verify else None,
         progress=not args.quiet,
         allow_nonfinite=args.allow_nonfinite,
+        quantize=quant,
     )
+    weights = f" with {quant.format} weights" if quant is not None else ""
     print(
         f"converted {summary['tensors']} tensors ({summary['bytes']:,} bytes, {summary['layout']} layout) "
-        f"to {summary['destination']} as {summary['dtype']}"
+        f"to {summary['destination']} as {summary['dtype']}{weights}"
     )
     _print_verify(summary.get("check"))
     return 0
@@ -101,6 +132,9 @@ def _print_verify(result: dict | None) -> None:
         return
     if "skipped" in result:
         print(f"verify: skipped: {result['skipped']}")
+    elif "format" in result:
+        print(f"verify: {result['format']} against the float model: mean KL {result['kl']:.3g} "
+              f"(limit {result['kl_limit']:g}), top-1 agreement {100 * result['top1']:.1f}%")
     else:
         print(f"verify: max relative error {result['max_rel_err']:.3g}, KL {result['kl']:.3g} (within tolerance)")
 
@@ -113,6 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        dtype=args.dtype,
     )
     print(
         f"exported {summary['tensors']} tensors in {summary['shards']} shard(s) ({summary['layout']} layout) "
@@ -139,9 +174,19 @@ def _add_convert(sub) -> None:
         help="parameter dtype to store (default: the checkpoint's own dtype from config.json, else float32)",
     )
     p.add_argument(
+        "--quantize",
+        default=None,
+        metavar="{int8,int4}",
+        help="store every linear weight of the language model (attention, shared and routed experts, lm_head) as "
+        "int8 (one scale per output channel) or int4 (one scale per group of 128 input channels); "
+        "norms, router, embeddings, vision tower and projector stay in --dtype",
+    )
+    p.add_argument(
         "--verify",
         action="store_true",
-        help="run the converted model and transformers on a fixed text+image prompt; fail beyond tolerance",
+        help="run the converted model and transformers on a fixed text+image prompt; fail beyond tolerance "
+        "(with --quantize: mean KL of the next-token distributions against the float model, "
+        "int8 <= 1e-3, int4 <= 3e-2)",
     )
     p.add_argument(
         "--mesh",
@@ -184,6 +229,13 @@ def _add_export(sub) -> None:
         "(rope_parameters)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="tensor dtype to write (default: the stored float dtype); a directory converted with --quantize is "
+        "written dequantized, with a warning",
+    )
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST if it exists (only once the new output is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -196,7 +248,8 @@ def add_parsers(sub) -> None:
         help="show a checkpoint's layout, dtypes, parameter counts and size",
         description="Show an Aria checkpoint's key layout (transformers5, hub, original, or orbax for a "
         "converted directory), "
-        "tensor count, dtypes, total and active-per-token parameters and bytes.",
+        "tensor count, dtypes, total and active-per-token parameters and bytes (for a directory converted with "
+        "--quantize: its format and the bytes of quantized values, scales and float weights).",
     )
     p.add_argument("path", help="HF checkpoint directory (any key layout), a converted directory or a hub id")
     p.set_defaults(func=cmd_inspect)

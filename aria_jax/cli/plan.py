@@ -15,7 +15,9 @@ max_new_tokens slots; long prompts prefill in chunks, ``generation.prefill_chunk
 ``Decoder._step_impl`` decode step with the cache donated. ``--frames N`` makes it a video prompt: N frames at
 490 px per row (``N x Q`` image tokens, Q = 128 with Aria's projector mapping) plus ``--seq`` text tokens, the
 pixels (B*N, 3, 490, 490) float32 an argument, the vision tower and projector run in chunks of frames
-(``Runtime.image_chunk_bytes``). The training step is
+(``Runtime.image_chunk_bytes``). ``--quantize int8|int4`` holds the language model's linear layers as weight-only
+quantized ``_q``/``_scale`` pairs (``aria_jax.quant``; ``cli/plan_weights.py``), int4 two per byte as on GPU/TPU, and
+compiles the model that reads them; it plans inference only (the default ``--mode`` then). The training step is
 forward + backward with ``AriaModel(remat=True)`` (each decoder layer recomputed), next-token cross-entropy and an
 optax AdamW update; params are float32 master weights cast to ``--dtype`` for compute, and the Adam moments are
 sharded like the params.
@@ -23,7 +25,10 @@ sharded like the params.
 Analytic formulas (per device; ``b`` = batch rows per device = B / data, ``c`` = compute dtype bytes, heads and
 vocabulary divided by the ``tensor`` axis, expert weights by the ``expert`` axis):
 
-- parameters: sum over arrays of ``size * itemsize / (product of the mesh axes the array is split over)``;
+- parameters: sum over arrays of ``size * itemsize / (product of the mesh axes the array is split over)``; with
+  ``--quantize`` a quantized weight is its values (int8: 1 byte, int4: 1/2) + float32 scales (per output channel,
+  int4 per group of 128 inputs), the rest in the compute dtype, plus one layer's quantized weights dequantized to it
+  (``K*N*c`` per weight: a bound on the transient copy a dot on quantized weights may make);
 - Adam state: two float32 moments per parameter, sharded like it; gradients: one float32 per parameter;
   compute copy: the params cast to ``--dtype`` (none for float32);
 - KV cache: ``2 * layers * b * slots * kv_heads * head_dim * c``;
@@ -47,7 +52,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -63,6 +67,16 @@ from jax.sharding import PartitionSpec as P
 from aria_jax import runtime
 from aria_jax.cli.checkpoints import fmt_count
 from aria_jax.cli.plan_frames import FRAME_SIZE, Frames, frame_bytes
+from aria_jax.cli.plan_weights import (
+    abstract_tree,
+    cpu_int4_extra,
+    dequantized_bytes,
+    key_path,
+    params_bytes,
+    parse_quantize,
+    weights_label,
+)
+from aria_jax.cli.plan_xla import memory_stats
 from aria_jax.config import PRESETS, AriaConfig
 from aria_jax.errors import InputError
 from aria_jax.files import check_writable_file, parse_size, resolve_model, write_json_atomic
@@ -70,8 +84,9 @@ from aria_jax.inference.budget import check_context_budget
 from aria_jax.inference.generation import Decoder, StopRule, prefill_chunk_tokens
 from aria_jax.inference.sampling import SamplingConfig
 from aria_jax.model.aria import AriaModel
-from aria_jax.model.schema import declared_params, parameter_counts
-from aria_jax.parallel.sharding import make_mesh, parse_mesh_spec, partition_spec
+from aria_jax.model.schema import parameter_counts
+from aria_jax.parallel.sharding import make_mesh, parse_mesh_spec
+from aria_jax.quant import QuantSpec
 
 CHILD_ENV = "ARIA_JAX_PLAN_CHILD"
 GIB = 2**30
@@ -96,41 +111,6 @@ def load_config(model: str) -> AriaConfig:
 
 
 # -- shapes, shardings and the analytic estimate ---------------------------------------------------------------
-
-
-def _path(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator=".")
-
-
-def abstract_tree(cfg: AriaConfig, dtype: jnp.dtype, mesh: Mesh, fsdp: bool = False) -> dict:
-    """The params as ShapeDtypeStructs with their target NamedShardings on ``mesh`` (one abstract init)."""
-    shapes, logical = declared_params(cfg, dtype)
-    flat_logical = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P))
-    flat = jax.tree_util.tree_leaves_with_path(shapes)
-    leaves = []
-    for (path, leaf), spec in zip(flat, flat_logical, strict=True):
-        sharding = NamedSharding(mesh, partition_spec(tuple(spec), leaf.shape, mesh, _path(path), fsdp))
-        leaves.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding))
-    return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
-
-
-def shard_bytes(x: jax.ShapeDtypeStruct, itemsize: int | None = None) -> int:
-    """Per-device bytes of one array: size * itemsize / the product of the mesh axes its spec names."""
-    mesh, spec = x.sharding.mesh, x.sharding.spec
-    ways = math.prod(mesh.shape[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry))
-    return math.prod(x.shape) * (itemsize or jnp.dtype(x.dtype).itemsize) // ways
-
-
-def params_bytes(tree: dict, itemsize: int | None = None) -> dict[str, int]:
-    """Per-device parameter bytes: total, routed experts, and the rest."""
-    routed = other = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        n = shard_bytes(leaf, itemsize)
-        if _path(path).split(".")[-1] in ("gate_up", "down") and ".mlp." in f".{_path(path)}.":
-            routed += n
-        else:
-            other += n
-    return {"total": routed + other, "routed_experts": routed, "other": other}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,47 +151,6 @@ def training_activations(cfg: AriaConfig, s: Shape, seq: int) -> int:
 # -- the compiled steps ----------------------------------------------------------------------------------------
 
 
-_PARAM = re.compile(r"^\s*(%[\w.-]+) = (\w+)\[[\d,]*\]\S* parameter\(\d+\)")
-_UPCAST = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = f32\[([\d,]*)\]\S* (convert|fusion)\((%[\w.-]+)\)(.*)$")
-
-
-def cpu_upcast_bytes(hlo: str) -> int:
-    """Bytes of float32 copies of whole bf16/f16 arguments in the entry computation of a compiled CPU module.
-
-    The CPU compiler has no native bf16 matmul, so it converts each bf16 weight (and cache) argument to f32 once,
-    outside the layer loop; a GPU or TPU compiler does not. These copies are counted in ``temp``.
-    """
-    entry = hlo[hlo.find("\nENTRY") :]
-    params: dict[str, str] = {}
-    total = 0
-    for line in entry.splitlines()[1:]:
-        if line.startswith("}"):
-            break
-        if m := _PARAM.match(line):
-            params[m.group(1)] = m.group(2)
-        elif (m := _UPCAST.match(line)) and params.get(m.group(3)) in ("bf16", "f16"):
-            if m.group(2) == "convert" or "wrapped_convert" in m.group(4):
-                total += 4 * math.prod(int(d) for d in m.group(1).split(",") if d)
-    return total
-
-
-def memory_stats(compiled) -> dict[str, int] | None:
-    """Per-device argument/output/alias/temp bytes from XLA, peak = args + out - alias + temp, and the CPU-only
-    f32 copies of bf16 arguments (``cpu_upcast``; ``peak_accelerator`` = peak without them); None if absent."""
-    try:
-        m = compiled.memory_analysis()
-    except (NotImplementedError, RuntimeError):
-        return None
-    if m is None:
-        return None
-    keys = ("argument", "output", "alias", "temp")
-    stats = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in keys}
-    stats["peak"] = stats["argument"] + stats["output"] - stats["alias"] + stats["temp"]
-    stats["cpu_upcast"] = min(stats["temp"], cpu_upcast_bytes(compiled.as_text()))
-    stats["peak_accelerator"] = stats["peak"] - stats["cpu_upcast"]
-    return stats
-
-
 def _batch_spec(mesh: Mesh, batch: int) -> P:
     data = mesh.shape.get("data", 1)
     if batch % data:
@@ -228,19 +167,25 @@ def _state_shardings(state: dict, mesh: Mesh, batch: int, kv_spec: P) -> dict:
     rows = _batch_spec(mesh, batch)
 
     def one(path, x):
-        if _path(path).startswith("cache"):
+        if key_path(path).startswith("cache"):
             return NamedSharding(mesh, kv_spec)
         return NamedSharding(mesh, P(*rows) if x.ndim and x.shape[0] == batch else P())
 
     return jax.tree_util.tree_map_with_path(one, state)
 
 
+def accelerator_runtime(quant: QuantSpec | None) -> runtime.Runtime:
+    """This platform's runtime holding ``quant`` weights as a GPU/TPU does: int4 two per byte, XLA's dot forms."""
+    base = runtime.detect()
+    return base if quant is None else base.replace(quant=quant, int4_packed=True, quant_fused_rows=0)
+
+
 def compile_inference(cfg: AriaConfig, mesh: Mesh, params: dict, dtype, batch: int, seq: int, max_new: int,
-                      frames: Frames | None = None) -> dict:
+                      frames: Frames | None = None, quant: QuantSpec | None = None) -> dict:
     eos = cfg.text.eos_token_id
     rule = StopRule(tuple(eos) if isinstance(eos, tuple) else (() if eos is None else (eos,)),
                     cfg.text.pad_token_id or 0, max_new)
-    decoder = Decoder(AriaModel(cfg, dtype=dtype, mesh=mesh, runtime=runtime.detect()))
+    decoder = Decoder(AriaModel(cfg, dtype=dtype, mesh=mesh, runtime=accelerator_runtime(quant)))
     slots, sampling = seq + max_new, SamplingConfig()
     rows = _batch_spec(mesh, batch)
     tensor = mesh.shape.get("tensor", 1)
@@ -335,12 +280,23 @@ def _xla_rows(*stats: dict[str, int] | None) -> list[str]:
     return [_row(label, "", *(_gib(s and s[key]) for s in stats)) for label, key in _XLA_ROWS]
 
 
+def quantize_and_mode(args) -> tuple[QuantSpec | None, str]:
+    """(``--quantize``, the steps to plan): ``--mode``, by default both, or inference alone with ``--quantize``."""
+    quant = parse_quantize(args.quantize)
+    mode = args.mode or ("infer" if quant else "both")
+    if quant and mode != "infer":
+        raise PlanError(f"--mode {mode} --quantize {quant.format}: plan plans inference on quantized weights; "
+                        "training over a quantized base (QLoRA, recipe key quantize_base) is not planned yet")
+    return quant, mode
+
+
 def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
     """(report lines, machine-readable report, fits) for parsed CLI ``args``."""
     cfg = load_config(args.model)
     mesh = make_mesh(args.mesh, jax.devices()[: math.prod(parse_mesh_spec(args.mesh).values())])
     dtype = jnp.dtype(args.dtype)
     hbm = parse_size(args.hbm, "--hbm", PlanError, unit_required=True)
+    quant, mode = quantize_and_mode(args)
     data, tensor = mesh.shape.get("data", 1), mesh.shape.get("tensor", 1)
     batch = args.batch if args.batch is not None else data
     frame_count = getattr(args, "frames", None) or 0
@@ -365,7 +321,8 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
         f"batch {batch} ({shape.rows} per device), seq {seq}, HBM {args.hbm} = {hbm / GIB:.2f} GiB per device",
     ]
     report: dict[str, Any] = {"model": args.model, "mesh": dict(mesh.shape), "dtype": dtype.name, "batch": batch,
-                              "seq": seq, "frames": frame_count, "hbm_bytes": hbm, "parameters": counts}
+                              "seq": seq, "frames": frame_count, "hbm_bytes": hbm, "parameters": counts,
+                              "quantize": quant and quant.to_json()}
     fits = True
 
     def verdict(name: str, analytic: int, compiled: int | None) -> None:
@@ -377,30 +334,39 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
                      f"{_gib(hbm)} ({100 * worst / hbm:.0f}%; the larger of analytic and compiled without CPU copies)")
         report[name]["fits"] = ok
 
-    if args.mode in ("infer", "both"):
+    if mode in ("infer", "both"):
         slots = seq + args.max_new_tokens
-        params = abstract_tree(cfg, dtype, mesh)
+        params = abstract_tree(cfg, dtype, mesh, quant=quant)
         pb = params_bytes(params)
         kv = kv_cache_bytes(cfg, shape, slots, kv_heads)
         act = inference_activations(cfg, shape, seq, slots)
+        dequant = {"dequantized_layer": dequantized_bytes(params, cfg, dtype.itemsize)} if quant else {}
         video = frame_bytes(cfg, shape, frames, seq) if frames else {}
-        analytic = {"params": pb["total"], "routed_experts": pb["routed_experts"], "kv_cache": kv,
-                    "activations": act, **video, "total": pb["total"] + kv + act + sum(video.values())}
-        compiled = compile_inference(cfg, mesh, params, dtype, batch, seq, args.max_new_tokens, frames)
+        analytic = {"params": pb["total"], "routed_experts": pb["routed_experts"], "quantized_weights": pb["quantized"],
+                    "float_params": pb["float"], "kv_cache": kv, "activations": act, **dequant, **video,
+                    "total": pb["total"] + kv + act + sum(dequant.values()) + sum(video.values())}
+        cpu_extra = cpu_int4_extra(cfg, dtype, mesh, quant)
+        if cpu_extra:
+            analytic["cpu_int4_extra"] = cpu_extra
+        compiled = compile_inference(cfg, mesh, params, dtype, batch, seq, args.max_new_tokens, frames, quant)
         pre, dec = compiled["prefill"], compiled["decode"]
         peak = max(pre["peak_accelerator"], dec["peak_accelerator"]) if pre and dec else None
         report["inference"] = {"analytic": analytic, "compiled": compiled}
         lines += [
             "",
             f"inference: prefill {batch} x {seq} tokens into a {slots}-slot KV cache, then one decode step "
-            f"(params {dtype.name}; compiled in {compiled['seconds']:.0f} s)",
+            f"(params {weights_label(dtype, quant)}; compiled in {compiled['seconds']:.0f} s)",
             *([f"video: {frames.count} frames per row at {frames.size} px, {frames.tokens} tokens each "
                f"({frames.count * frames.tokens} image + {text_seq} text tokens); vision tower in chunks of "
                f"{frames.chunk} frames"] if frames else []),
             _row("per device", "analytic", "compiled prefill", "compiled decode"),
             _row(f"parameters (routed experts {_gib(pb['routed_experts'])})", _gib(pb["total"])),
+            *([_row(f"  {quant.format} weights (values + float32 scales)", _gib(pb["quantized"])),
+               _row(f"  float parameters ({dtype.name})", _gib(pb["float"]))] if quant else []),
             _row("KV cache", _gib(kv)),
             _row("activations / temporaries", _gib(act)),
+            *([_row(f"one layer's weights dequantized to {dtype.name}", _gib(dequant["dequantized_layer"]))]
+              if quant else []),
             *([_row("pixel values (float32)", _gib(video["pixels"])),
                _row("image features", _gib(video["image_features"])),
                _row("prompt embeddings", _gib(video["embeddings"])),
@@ -410,8 +376,11 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
             *_xla_rows(pre, dec),
         ]
         verdict("inference", analytic["total"], peak)
+        if cpu_extra:
+            lines.append(f"  (planned for GPU/TPU, int4 two per byte; the CPU runtime holds int4 one per byte: "
+                         f"+{_gib(cpu_extra)})")
 
-    if args.mode in ("train", "both"):
+    if mode in ("train", "both"):
         params = abstract_tree(cfg, jnp.float32, mesh, getattr(args, "fsdp", False))
         pb = params_bytes(params)
         adam = 2 * pb["total"]
@@ -444,6 +413,7 @@ def run_plan(args) -> tuple[list[str], dict[str, Any], bool]:
 def cmd_plan(args) -> int:
     needed = math.prod(parse_mesh_spec(args.mesh).values())  # MeshError (exit 2) before anything heavy
     parse_size(args.hbm, "--hbm", PlanError, unit_required=True)
+    quantize_and_mode(args)
     if args.json:
         check_writable_file(args.json, PlanError)  # not after a minute of compiling
     if not ensure_cpu_devices(needed):
@@ -470,9 +440,10 @@ def add_parser(sub) -> None:
         "2 bad input.",
     )
     p.add_argument("--model", required=True, help="a preset (aria, tiny), a model directory or a hub id")
-    p.add_argument("--mesh", required=True, help="mesh like 'expert=8' or 'data=4,expert=8' (axes data, expert, "
-                   "tensor)")
-    p.add_argument("--mode", choices=["infer", "train", "both"], default="both", help="which steps (both)")
+    p.add_argument("--mesh", default="expert=1", help="mesh like 'expert=8' or 'data=4,expert=8' (axes data, "
+                   "expert, tensor; default: one device)")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default=None,
+                   help="which steps (both; infer with --quantize)")
     p.add_argument("--batch", type=int, default=None, help="global batch rows (default: the data axis size)")
     p.add_argument("--seq", type=int, default=None,
                    help="prompt / training sequence length (4096); with --frames, the prompt's text tokens (64)")
@@ -482,6 +453,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="decode tokens the KV cache holds (256)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; inference params are stored in it too (bfloat16)")
+    p.add_argument("--quantize", default=None, metavar="int8|int4",
+                   help="inference on weight-only quantized weights (aria_jax.quant): int8 per channel or int4 in "
+                   "groups of 128 (two per byte, as GPUs and TPUs hold them) for the language model's linear layers; "
+                   "norms, router, embeddings, vision tower and projector stay in --dtype")
     p.add_argument("--hbm", default="80GB", help="memory per device, e.g. 80GB, 95GB, 16GiB (80GB)")
     p.add_argument("--fsdp", action="store_true",
                    help="training: also shard every weight (and its gradient and Adam state) over the data axis")

@@ -4,6 +4,10 @@ The reference is built from the same config and the *source* tensors (renamed to
 every key layout works, including the custom-code one transformers cannot read), then both run a fixed prompt
 of text tokens and one image. float32 must agree to ``FLOAT32_REL_TOL`` max relative error; bfloat16 runs
 in two different numerical orders, so it is judged by the KL divergence of the next-token distributions.
+
+A quantized conversion (``--quantize``) is judged against transformers' float model (the source weights, in the
+conversion's dtype) by the mean KL divergence of the next-token distributions, ``QUANT_KL_TOL`` per format, with the
+top-1 agreement reported beside it.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import math
 
 import numpy as np
 
+from aria_jax.checkpoint.converted import stored_quantization
 from aria_jax.checkpoint.hf_keys import from_hub_name, to_hub_name
 from aria_jax.config import AriaConfig
 from aria_jax.inference.api import Aria
 
 FLOAT32_REL_TOL = 1e-4
 BFLOAT16_KL_TOL = 1e-2
+QUANT_KL_TOL = {"int8": 1e-3, "int4": 3e-2}  # mean KL of the quantized model's next-token distributions
 
 
 class VerifyError(RuntimeError):
@@ -48,7 +54,8 @@ def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
     lr, lo = log_softmax(ref), log_softmax(out)
     kl = float((np.exp(lr) * (lr - lo)).sum(-1).mean())
-    return {"max_rel_err": rel, "kl": kl}
+    top1 = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
+    return {"max_rel_err": rel, "kl": kl, "top1": top1}
 
 
 def _torch_tensor(array: np.ndarray, torch_dtype):
@@ -106,6 +113,13 @@ def verify_conversion(
                           "weights hold NaN or infinite values")
     result = compare(ours, ref)
     # `not x <= tol`, so that a NaN measure (all-zero reference logits) fails too
+    quant = stored_quantization(directory)
+    if quant is not None:
+        limit = QUANT_KL_TOL[quant.format]
+        if not result["kl"] <= limit:
+            raise VerifyError(f"mean KL divergence {result['kl']:.3g} > {limit:g} ({quant.format} against the float "
+                              f"model; top-1 agreement {100 * result['top1']:.1f}%)")
+        return {**result, "format": quant.format, "kl_limit": limit}
     if dtype.name == "float32" and not result["max_rel_err"] <= FLOAT32_REL_TOL:
         raise VerifyError(f"max relative error {result['max_rel_err']:.3g} > {FLOAT32_REL_TOL:g} (float32)")
     if dtype.name != "float32" and not result["kl"] <= BFLOAT16_KL_TOL:

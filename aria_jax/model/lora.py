@@ -121,12 +121,17 @@ def merge_pairs(params: dict, lora: dict, scale: float, sites: Iterable[LoraSite
     """Stacked params with every pair in ``lora`` folded in: ``W + A @ B * scale``, in float32, cast back to W's dtype.
 
     Stacked layers are folded one at a time (a dense update of a whole expert stack would need every layer's at once)
-    and each merged array keeps the sharding of the one it replaces. ``params`` itself is not changed.
+    and each merged array keeps the sharding of the one it replaces. ``params`` itself is not changed. A pair whose
+    weight is quantized (``{name}_q``: aria_jax.quant) is a ValueError: dequantize first
+    (``aria_jax.model.quantize.dequantize_params``), as a QLoRA export does.
     """
     flat = dict(traverse_util.flatten_dict(params))
     lflat = traverse_util.flatten_dict(lora)
     for site in sites:
         a_path, b_path = pair_paths(site.path)
+        if a_path in lflat and site.path[:-1] + (site.path[-1] + "_q",) in flat:
+            raise ValueError(f"LoRA pair for {'/'.join(site.path)}: the weight is quantized; dequantize the params "
+                             "before merging (aria_jax.model.quantize.dequantize_params)")
         if a_path not in lflat or site.path not in flat:
             continue
         a, b = lflat[a_path], lflat[b_path]

@@ -18,6 +18,7 @@ import yaml
 from aria_jax.errors import InputError, one_line
 from aria_jax.files import write_atomic
 from aria_jax.kernels.experts import MOE_BACKENDS
+from aria_jax.quant import FORMATS as QUANT_FORMATS
 from aria_jax.training.recipe_keys import FSDP_ON, FSDP_WORDS, canonical, check_trainer_keys, classify
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
         default_factory=lambda: ["fc1", "fc2", "q_proj", "k_proj", "v_proj", "o_proj", "linear", "linear_in",
                                  "linear_out", "up_proj", "gate_proj", "down_proj", "out_proj", "lm_head"]
     )
+    quantize_base: str | None = None  # int8 / int4: LoRA over a frozen weight-only quantized base (QLoRA)
     moe_aux_loss_coeff: float = 1e-4
     moe_z_loss_coeff: float = 1e-5
     moe_backend: str = "auto"  # blocked on CPU, ragged_dot on GPU/TPU (aria_jax/moe.py)
@@ -324,6 +326,11 @@ def _validate_choices_and_paths(cfg: TrainConfig) -> None:
         bad("lr_scheduler_type", f"must be one of {', '.join(SCHEDULES)}")
     if cfg.moe_backend not in MOE_BACKENDS:
         bad("moe_backend", f"must be one of {', '.join(MOE_BACKENDS)}")
+    if cfg.quantize_base is not None and cfg.quantize_base not in QUANT_FORMATS:
+        bad("quantize_base", f"must be one of {', '.join(QUANT_FORMATS)} or null")
+    if cfg.quantize_base is not None and not cfg.use_peft:
+        bad("quantize_base", "trains LoRA over a frozen quantized base: set use_peft: true (full fine-tuning cannot "
+                             "update quantized weights)")
     for key in ("output_dir", "model_name_or_path", "tokenizer_path", "resume_from_checkpoint"):
         value = getattr(cfg, key)
         if isinstance(value, str) and (not value.strip() or "\0" in value):
@@ -449,6 +456,8 @@ def load_recipe(path: str | None, overrides: Sequence[str | tuple[str, Any]] = (
         key, why = errors[0]
         raise RecipeError(f"config key '{key}': {why} (got {show(raw[key])})")
     values = {k: _coerce(k, v) for k, v in values.items()}
+    if values.get("quantize_base") in ("none", "None", ""):  # the CLI's --quantize_base none
+        values["quantize_base"] = None
     if values.get("resume_from_checkpoint") in ("false", "False", "no", ""):
         values["resume_from_checkpoint"] = False  # the shipped YAML's `false` must not become a path (#105)
     cfg = TrainConfig(**values)

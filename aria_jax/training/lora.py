@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from aria_jax.config import AriaConfig
 from aria_jax.model.lora import SITES, LoraSite, lora_product, merge_pairs, original_name, pair_paths
+from aria_jax.model.schema import param_specs
 
 __all__ = ["RULES", "Rule", "init_lora", "lora_product", "merge_lora", "original_name", "scale_lora", "select_rules"]
 
@@ -132,21 +133,30 @@ def select_rules(targets: list[str], frozen_parts: set[str], config: AriaConfig 
     return rules
 
 
-def init_lora(params: dict, rules: list[Rule], rank: int, key: jax.Array) -> dict:
-    """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming-uniform(a=sqrt 5)), B = 0, in the params' dtype."""
+def init_lora(params: dict, rules: list[Rule], rank: int, key: jax.Array, config: AriaConfig | None = None) -> dict:
+    """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming-uniform(a=sqrt 5)), B = 0, in the params' dtype.
+
+    The pairs take their shapes from the weights' logical shapes: those of ``params``, or with ``config`` those of
+    the parameter schema (``model.schema.param_specs``), which a quantized base needs (its weight ``kernel`` is
+    stored as ``kernel_q`` (N, K) + ``kernel_scale``: aria_jax.quant); the pairs of a quantized weight are float32.
+    """
     flat = traverse_util.flatten_dict(params)
+    logical = {} if config is None else {tuple(k.split("/")): s for k, (s, _) in param_specs(config).items()}
     out = {}
     for i, rule in enumerate(rules):
-        if rule.path not in flat:  # e.g. vision layers past vision_feature_layer: not in the model
+        if rule.path in flat:
+            shape, dtype = flat[rule.path].shape, flat[rule.path].dtype
+        elif rule.path in logical and rule.path[:-1] + (rule.path[-1] + "_q",) in flat:
+            shape, dtype = logical[rule.path], jnp.float32
+        else:  # e.g. vision layers past vision_feature_layer: not in the model
             continue
-        w = flat[rule.path]
-        batch, rest = w.shape[: rule.n_batch], w.shape[rule.n_batch :]
+        batch, rest = shape[: rule.n_batch], shape[rule.n_batch :]
         ins, outs = rest[: rule.n_in], rest[rule.n_in :]
         bound = 1.0 / math.sqrt(math.prod(ins))
         a_path, b_path = pair_paths(rule.path)
         k = jax.random.fold_in(key, i)
-        out[a_path] = jax.random.uniform(k, batch + ins + (rank,), jnp.float32, -bound, bound).astype(w.dtype)
-        out[b_path] = jnp.zeros(batch + (rank,) + outs, w.dtype)
+        out[a_path] = jax.random.uniform(k, batch + ins + (rank,), jnp.float32, -bound, bound).astype(dtype)
+        out[b_path] = jnp.zeros(batch + (rank,) + outs, dtype)
     return traverse_util.unflatten_dict(out)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from aria_jax.errors import one_line
 from aria_jax.parallel import distributed
 from aria_jax.parallel.sharding import MeshError, make_mesh, param_shardings
+from aria_jax.quant import QuantSpec
 from aria_jax.training.config import RecipeError, TrainConfig
 
 
@@ -60,12 +61,13 @@ def batch_rows(mesh, batch_size: int) -> Rows:
     return Rows(axes, index, count, ways // count)
 
 
-def place(params: dict, config, mesh, fsdp: bool) -> dict:
-    """Params onto the mesh with the sharding rules (and FSDP over data if asked); unchanged without a mesh."""
+def place(params: dict, config, mesh, fsdp: bool, quant: QuantSpec | None = None, packed: bool = True) -> dict:
+    """Params onto the mesh with the sharding rules (and FSDP over data if asked); unchanged without a mesh.
+    ``quant``/``packed``: the base is quantized (aria_jax.quant), its ``_q``/``_scale`` pairs sharded as stored."""
     if mesh is None:
         return params
     try:
-        shardings = param_shardings(config, mesh, fsdp=fsdp)
+        shardings = param_shardings(config, mesh, fsdp=fsdp, quant=quant, packed=packed)
     except MeshError as e:
         raise RecipeError(f"config key 'mesh': {e}") from None
     return distributed.place(params, shardings)
@@ -107,9 +109,12 @@ def float32(tree: dict) -> dict:
 
 
 def dtype_of(params: dict) -> str:
-    """The dtype most of the parameters have (by size)."""
+    """The dtype most of the float parameters have (by size): a quantized base's int8 values and float32 scales
+    (aria_jax.quant) are not counted."""
     sizes: dict[str, int] = {}
-    for leaf in jax.tree.leaves(params):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating) or str(getattr(path[-1], "key", "")).endswith("_scale"):
+            continue
         sizes[str(leaf.dtype)] = sizes.get(str(leaf.dtype), 0) + leaf.size
     return max(sizes, key=sizes.get) if sizes else "float32"
 

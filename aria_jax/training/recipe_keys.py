@@ -66,6 +66,8 @@ MEANINGS: dict[str, str] = {
     "use_peft": "train LoRA pairs instead of the weights", "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale "
     "alpha / r)", "lora_dropout": "dropout on the LoRA branch' input",
     "lora_target_modules": "the original module names that get LoRA pairs",
+    "quantize_base": "aria-jax: int8 or int4: train LoRA (use_peft) over the base weights quantized and frozen "
+                     "(QLoRA, aria_jax.quant); checkpoints hold the adapter only, the export is merged in float32",
     "moe_aux_loss_coeff": "load-balancing loss coefficient", "moe_z_loss_coeff": "router z-loss coefficient",
     "moe_backend": "aria-jax: the routed-expert kernel (auto: the platform's)",
     "dataset_mixer": "{dataset directory: weight}: weight <= 1 takes that fraction, > 1 repeats it int(weight) "
@@ -228,8 +230,10 @@ KEYS.update({
     "lora_task_type": Key(REFUSED, "Aria is a causal LM", inert=("CAUSAL_LM", None)),
     "use_rslora": Key(REFUSED, "rank-stabilised LoRA is not implemented", inert=_OFF),
     "use_dora": Key(REFUSED, "DoRA is not implemented", inert=_OFF),
-    "load_in_8bit": Key(REFUSED, "quantized (bitsandbytes) training is not supported", inert=_OFF),
-    "load_in_4bit": Key(REFUSED, "quantized (bitsandbytes) training is not supported", inert=_OFF),
+    "load_in_8bit": Key(REFUSED, "quantized (bitsandbytes) training is not supported: quantize_base: int8 trains "
+                                 "LoRA over aria-jax's own int8 base", inert=_OFF),
+    "load_in_4bit": Key(REFUSED, "quantized (bitsandbytes) training is not supported: quantize_base: int4 trains "
+                                 "LoRA over aria-jax's own int4 base", inert=_OFF),
 })
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from aria_jax.kernels.quantized import QWeight, dense
 from aria_jax.model.layers import LORA, lora_dropout
 from aria_jax.training.lora import scale_lora
 from aria_jax.training.losses import lm_loss_sum, lm_loss_sum_linear, load_balancing_loss, z_loss
@@ -66,6 +67,22 @@ class LossSpec:
     compute_dtype: jnp.dtype = jnp.float32
 
 
+def compute_cast(path: tuple[str, ...], value: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """A parameter in the compute dtype; a quantized weight's int8 values and float32 scales (aria_jax.quant) as
+    they are (the quantized matmuls dequantize to the activations' dtype themselves)."""
+    if not jnp.issubdtype(value.dtype, jnp.floating) or path[-1].endswith("_scale"):
+        return value
+    return value.astype(dtype)
+
+
+def lm_head_kernel(lm_head: dict, dtype: jnp.dtype) -> jax.Array:
+    """lm_head's (D, V) kernel for the fused loss: the float one, or a quantized base's dequantized."""
+    if "kernel" in lm_head:
+        return lm_head["kernel"]
+    q = lm_head["kernel_q"]
+    return dense(QWeight(q, lm_head["kernel_scale"], (q.shape[-2],)), dtype)
+
+
 def make_objective(module, spec: LossSpec) -> Callable:
     """objective(trainable, frozen, batch, rng, denom) -> (value, metrics).
 
@@ -75,7 +92,7 @@ def make_objective(module, spec: LossSpec) -> Callable:
 
     def objective(trainable: dict, frozen: dict, batch: dict, rng: jax.Array, denom: jax.Array):
         trainable, frozen = traverse_util.flatten_dict(trainable), traverse_util.flatten_dict(frozen)
-        cast = lambda t: {p: v.astype(spec.compute_dtype) for p, v in t.items()}
+        cast = lambda t: {p: compute_cast(p, v, spec.compute_dtype) for p, v in t.items()}
         if spec.lora_scale is None:
             variables = {"params": traverse_util.unflatten_dict(cast({**frozen, **trainable}))}
         else:
@@ -91,7 +108,7 @@ def make_objective(module, spec: LossSpec) -> Callable:
             )
         router_logits = output.router_logits
         if fused:
-            kernel = variables["params"]["language_model"]["lm_head"]["kernel"]
+            kernel = lm_head_kernel(variables["params"]["language_model"]["lm_head"], spec.compute_dtype)
             ce_sum, count = lm_loss_sum_linear(output.hidden, kernel, batch["labels"])
         else:
             ce_sum, count = lm_loss_sum(output.logits, batch["labels"])

@@ -31,6 +31,7 @@ from aria_jax.training import checkpoint as ckpt
 from aria_jax.training import data as D
 from aria_jax.training import dataset as J
 from aria_jax.training import evaluate as E
+from aria_jax.training import qlora as Q
 from aria_jax.training import steps as S
 from aria_jax.training.config import MAX_STEPS, RecipeError, TrainConfig, recipe_dict, save_resolved
 from aria_jax.training.export import export_adapter, export_hf
@@ -99,12 +100,16 @@ def load_model(cfg: TrainConfig, mesh=None) -> tuple[AriaConfig, dict, object | 
     try:
         if model_dir is None:
             config = AriaConfig.from_dict(cfg.model_config)
-            model = Aria.from_config(config, seed=cfg.seed, dtype=dtype or "float32", layout="stacked")
+            model = Aria.from_config(config, seed=cfg.seed, dtype=dtype or "float32", layout="stacked",
+                                     quantize=cfg.quantize_base)
         else:
-            # training runs the stacked (scanned) layout; on a mesh each tensor is placed as it is read
-            model = Aria.from_pretrained(model_dir, dtype=dtype, mesh=mesh, layout="stacked")
+            # training runs the stacked (scanned) layout; on a mesh each tensor is placed as it is read (quantized
+            # on the host first with quantize_base)
+            model = Aria.from_pretrained(model_dir, dtype=dtype, mesh=mesh, layout="stacked",
+                                         quantize=cfg.quantize_base)
     except InputError as exc:
         raise RecipeError(f"config key '{key}': {one_line(exc)}") from None
+    Q.check_loaded(cfg, model.runtime.quant, key)
     processor = model.processor
     tokenizer_dir = resolve_path(cfg, "tokenizer_path")
     if tokenizer_dir is not None:
@@ -175,12 +180,15 @@ def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
     batch = global_batch(cfg.per_device_train_batch_size, mesh)
     rows = batch_rows(mesh, batch)
     config, params, processor, base_dir = load_model(cfg, mesh)
-    params = place(params, config, mesh, cfg.fsdp)
+    quant, runtime = Q.base_quant(cfg), detect()
+    params = place(params, config, mesh, cfg.fsdp, quant, runtime.int4_packed)
     weight_dtype = dtype_of(params)
     if weight_dtype != "float32":
         log(f"torch_dtype {cfg.torch_dtype}: frozen weights in {weight_dtype}, trained weights in a float32 master "
             f"copy (the original trains them in {weight_dtype} too); the export is written in float32")
-    runtime = detect()
+    if quant is not None:
+        runtime = runtime.replace(quant=quant)
+        log(Q.describe(params, config, quant))
     layerwise = not resolve_scan_layers(cfg.scan_layers, runtime)
     log(f"runtime: {runtime.describe()}; training layout {'per_layer' if layerwise else 'stacked'}")
     module = AriaModel(config, moe_backend=cfg.moe_backend, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32,
@@ -199,7 +207,7 @@ def build(cfg: TrainConfig, log: Callable[[str], None] = print) -> Setup:
             raise RecipeError(f"config key 'lora_target_modules': {exc}") from None
         if not rules:
             raise RecipeError("config key 'lora_target_modules': no LoRA target is in an unfrozen part of the model")
-        trainable = float32(init_lora(params, rules, cfg.lora_r, jax.random.key(cfg.seed)))
+        trainable = float32(init_lora(params, rules, cfg.lora_r, jax.random.key(cfg.seed), config))
         frozen = params
     else:
         rules = []
@@ -373,7 +381,7 @@ def export_final(setup: Setup, state: dict) -> None:
     with staged_directory(os.path.join(cfg.output_dir, "export"), overwrite=True) as out:
         if cfg.use_peft:
             scale = cfg.lora_alpha / cfg.lora_r
-            merged = merge_lora(frozen, trainable, scale, setup.rules)
+            merged = merge_lora(Q.float_base(frozen, setup.config), trainable, scale, setup.rules)
             export_adapter(trainable, setup.rules, cfg, os.path.join(out, "adapter"))
         else:
             merged = traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen),
@@ -451,7 +459,7 @@ def train_loop(setup: Setup, fns, state: dict, plan: Plan, manager, metrics_log:
     checkpoints (``manager``; None: none) and evaluations (``evaluator``) at the steps ``plan`` says. Returns the
     state and the last step's metrics (with the last evaluation's)."""
     cfg = setup.cfg
-    flat = traverse_util.flatten_dict(setup.params)
+    flat = Q.logical_params(setup.params, setup.config)
     active = S.active_params(flat, setup.config.text.moe_topk, setup.config.text.moe_num_experts)
     base_rng = jax.random.key(cfg.seed)
     step = int(state["step"])
