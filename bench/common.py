@@ -34,6 +34,18 @@ def build_mid_checkpoint(directory: str, seed: int = 0, **text):
     return model
 
 
+def status_mb(key: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak since the process began or since ``reset_peak``) in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+
+def reset_peak() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM) from the current RSS (Linux >= 4.0: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
     """Median wall seconds of ``fn()`` after ``warmup`` calls."""
     for _ in range(warmup):

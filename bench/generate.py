@@ -1,6 +1,7 @@
 """Decode tokens/s at batch 1 and 8 and image prefill latency: aria_jax next to transformers and the floors, one run.
 
     python bench/generate.py [--new-tokens 32] [--prompt 64] [--repeats 5] [--rounds 2] [--layout auto]
+                             [--quantize int8,int4]
 
 Same random mid-size Aria for both (bench/common.py), float32, CPU. transformers runs eager attention and its
 default (grouped_mm) experts; its decode rate is (time of N+1 new tokens - time of 1) / N, so the prefill is
@@ -11,6 +12,12 @@ after them in one process); the shared VM's speed drifts between processes, so t
 use this machine's bandwidth and matmul rate measured in the same run: a decode step's floor is the bytes it reads
 (with the experts its tokens were really routed to, counted from the router on the generated sequence) over the
 bandwidth; the prefill's is its useful FLOPs over the matmul rate.
+
+``--quantize int8,int4`` adds an aria_jax process per format (``Aria.from_pretrained(quantize=...)``, the same
+float32 checkpoint quantized while loading), alternated with the others: decode at batch 1 and 8 next to aria_jax's
+own float32 decode, each with its floor from the bytes the quantized step reads (int4 one value per byte where the
+runtime holds it so: CPU), and the host memory loading takes in each process (peak RSS during
+``from_pretrained`` and what stays resident after it, above the RSS before it).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 import roofline  # noqa: E402
-from common import MID_P2Q, build_mid_checkpoint, print_table, timeit  # noqa: E402
+from common import MID_P2Q, build_mid_checkpoint, print_table, reset_peak, status_mb, timeit  # noqa: E402
 
 
 def distinct_experts(model, ids: np.ndarray, first: int) -> float:
@@ -79,15 +86,19 @@ def run_hf(directory: str, n: int, prompt: int, repeats: int) -> dict:
     return out
 
 
-def run_jax(directory: str, n: int, prompt: int, repeats: int, layout: str) -> dict:
+def run_jax(directory: str, n: int, prompt: int, repeats: int, layout: str, quantize: str | None = None) -> dict:
     import jax
 
     from aria_jax import Aria
 
-    ours = Aria.from_pretrained(directory, dtype="float32", layout=layout)
+    reset_peak()
+    before = status_mb("VmRSS")
+    ours = Aria.from_pretrained(directory, dtype="float32", layout=layout, quantize=quantize)
     data = inputs(ours.config.text.vocab_size, prompt)
     out = {"jax": jax.__version__, "platform": jax.devices()[0].platform, "layout": ours.layout,
+           "load_peak_mb": status_mb("VmHWM") - before, "load_kept_mb": status_mb("VmRSS") - before,
            "bandwidth": roofline.measure_bandwidth(), "matmul": roofline.measure_matmul()}
+    quant, packed = ours.runtime.quant, ours.runtime.int4_packed
     for batch, ids in data["text"].items():
         mask = np.ones_like(ids)
         decode_s = []
@@ -97,7 +108,8 @@ def run_jax(directory: str, n: int, prompt: int, repeats: int, layout: str) -> d
         out[f"decode_s_{batch}"] = float(np.median(decode_s[1:]))
         experts = distinct_experts(ours, np.concatenate([ids, new[:, :n]], axis=1), prompt)
         out[f"experts_{batch}"] = experts
-        out[f"floor_s_{batch}"] = roofline.decode_bytes(ours.config, batch, experts, prompt + n / 2) / out["bandwidth"]
+        out[f"floor_s_{batch}"] = roofline.decode_bytes(ours.config, batch, experts, prompt + n / 2, quant,
+                                                        packed) / out["bandwidth"]
 
     def prefill():
         ours.generate(data["image_ids"], pixel_values=data["pixels"], max_new_tokens=1)
@@ -121,8 +133,11 @@ def per_process(runs: dict[str, list[dict]], show) -> str:
 
 
 def child(side: str, directory: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--dir", directory, "--new-tokens", str(args.new_tokens),
+    name, _, weights = side.partition("-")  # "jax-int8": an aria_jax process with int8 weights
+    cmd = [sys.executable, __file__, "--side", name, "--dir", directory, "--new-tokens", str(args.new_tokens),
            "--prompt", str(args.prompt), "--repeats", str(args.repeats), "--layout", args.layout]
+    if weights:
+        cmd += ["--quantize", weights]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
@@ -137,16 +152,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="child processes per side, alternated; each metric keeps each side's best process")
     parser.add_argument("--layout", default="auto", help="aria_jax parameter layout: auto, unrolled or stacked")
+    parser.add_argument("--quantize", default="",
+                        help="comma-separated weight formats to add (int8, int4): one more aria_jax process each")
     parser.add_argument("--side", choices=("hf", "jax"), help=argparse.SUPPRESS)  # the child processes
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     n = args.new_tokens
     if args.side:
         run = run_hf(args.dir, n, args.prompt, args.repeats) if args.side == "hf" else run_jax(
-            args.dir, n, args.prompt, args.repeats, args.layout)
+            args.dir, n, args.prompt, args.repeats, args.layout, args.quantize or None)
         print(json.dumps(run))
         return
-    runs: dict[str, list[dict]] = {"hf": [], "jax": []}
+    formats = [f for f in args.quantize.split(",") if f]
+    if any(f not in ("int8", "int4") for f in formats):
+        sys.exit(f"--quantize: unknown format in '{args.quantize}'; choose from int8, int4")
+    runs: dict[str, list[dict]] = {"hf": [], "jax": [], **{f"jax-{f}": [] for f in formats}}
     with tempfile.TemporaryDirectory() as directory:
         build_mid_checkpoint(directory)
         for _ in range(args.rounds):
@@ -186,6 +206,33 @@ def main() -> None:
           + " GFLOP/s (per aria_jax process; each floor uses its own process's)")
     print_table(rows, ["benchmark", "transformers tok/s", "aria_jax tok/s", "transformers ms", "aria_jax ms", "ratio",
                        "floor", "aria_jax / floor", "per process (hf / jax)"])
+    if formats:
+        print_quantized(runs, formats)
+
+
+def print_quantized(runs: dict[str, list[dict]], formats: list[str]) -> None:
+    """Decode per weight format next to aria_jax float32 and transformers (best process each), and load memory."""
+    rows = []
+    for batch in (1, 8):
+        key = f"decode_s_{batch}"
+        hf, ref = best(runs["hf"], key)[key], best(runs["jax"], key)[key]
+        for side in ("jax", *(f"jax-{f}" for f in formats)):
+            r = best(runs[side], key)
+            rows.append({
+                "decode": f"batch {batch}", "weights": "float32" if side == "jax" else side[4:],
+                "aria_jax tok/s": f"{batch / r[key]:.1f}",
+                "vs aria_jax float32": f"{ref / r[key]:.2f}x", "vs transformers": f"{hf / r[key]:.2f}x",
+                "floor": f"{batch / r[f'floor_s_{batch}']:.0f} tok/s",
+                "of floor": roofline.fraction(r[f"floor_s_{batch}"], r[key]),
+                "per process": " ".join(f"{batch / p[key]:.1f}" for p in runs[side]),
+            })
+    for side in ("jax", *(f"jax-{f}" for f in formats)):
+        rows.append({"decode": "load", "weights": "float32" if side == "jax" else side[4:],
+                     "aria_jax tok/s": "peak RSS +" + " / +".join(f"{p['load_peak_mb']:.0f}" for p in runs[side])
+                     + " MB, kept +" + " / +".join(f"{p['load_kept_mb']:.0f}" for p in runs[side]) + " MB"})
+    print("\nweight-only quantization (same checkpoint quantized while loading; floors from the bytes each step reads)")
+    print_table(rows, ["decode", "weights", "aria_jax tok/s", "vs aria_jax float32", "vs transformers", "floor",
+                       "of floor", "per process"])
 
 
 if __name__ == "__main__":
