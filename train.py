@@ -8,6 +8,10 @@ either honoured, accepted with one line saying why it has no effect here, or ref
 a bad recipe, dataset, model, checkpoint or file system (a full disk); output_dir is written only once the run's
 setup has succeeded.
 
+Compiled programs are kept in JAX's persistent compilation cache (``~/.cache/aria-jax/xla``, or
+``$JAX_COMPILATION_CACHE_DIR``), so a second run of the same recipe starts without compiling again;
+``--no-compile-cache`` or ``ARIA_JAX_NO_COMPILE_CACHE=1`` turns it off.
+
 Multi-host: run the same command in every process with JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N
 and JAX_PROCESS_ID=0..N-1 set (TPU pods and SLURM are detected without them); process 0 prints and writes files.
 """
@@ -71,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
+    from aria_jax import compile_cache
     from aria_jax.errors import InputError, one_line, os_error_line
     from aria_jax.parallel import distributed
     from aria_jax.training.config import describe, load_recipe
     from aria_jax.training.metrics_log import Log
 
+    argv, no_cache = compile_cache.strip_flag([compile_cache.FLAG if a == "--no_compile_cache" else a for a in argv])
+    compile_cache.enable(off=no_cache)
     try:
         distributed.initialize()
     except ValueError as exc:

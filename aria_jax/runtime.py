@@ -4,7 +4,9 @@ run uses.
 ``detect()`` reads the platform (the only call of ``jax.default_backend()`` in aria_jax) and decides once:
 
 - ``experts``: the routed experts' kernel for many rows: ``blocked`` (CPU: each expert's rows in chunks, few wasted
-  FLOPs; ``ragged_dot`` lowers to an E-times dense matmul there) or ``ragged`` (``jax.lax.ragged_dot``: GPU/TPU).
+  FLOPs; ``ragged_dot`` lowers to an E-times dense matmul there), ``megablox`` (TPU: Pallas megablox ``gmm``),
+  ``tokamax`` (GPU with the optional tokamax: ``tokamax.ragged_dot``) or ``pallas`` (GPU without it: this project's
+  Pallas grouped matmul); ``ragged`` (``jax.lax.ragged_dot``, which XLA:GPU pads to a dense dot) is the portable one.
   A few rows (decode: tokens x top-k <= experts) always use ``gather``, which reads only the chosen experts.
 - ``layout``: the parameter layout for inference: ``unrolled`` (one array per layer and per expert) on one CPU
   device, where XLA copies every slice of a stacked weight before reading it; ``stacked`` elsewhere.
@@ -12,6 +14,8 @@ run uses.
   time) or one parameter tree per layer (CPU: the per-layer slices of a scan are copies there).
 - ``matvec_split``: a single row times a weight runs as this many partial matvecs (CPU: 2, one per core; XLA:CPU
   runs one matvec on one core), 1 elsewhere.
+- ``pallas_interpret``: run the Pallas expert kernels (``pallas``, ``megablox``) in Pallas' interpreter (CPU: True,
+  where they have no compiled lowering; tests and ``--runtime experts=pallas`` run them there).
 - ``decode_options``: XLA compiler options for the decode loop (CPU: Eigen dots, about twice as fast as YNNPACK for
   the few-row matmuls of a decode step), none elsewhere.
 - ``quant``: the weight-only quantization the model holds (aria_jax.quant: ``int8``/``int4``), None for float
@@ -27,6 +31,10 @@ run uses.
 - ``image_chunk_bytes``: the activation budget of one chunk of images in the vision tower and projector
   (``model/aria.py``: ``image_chunk_size``); many images or video frames run through them in chunks this big, so
   their peak memory does not grow with the image count. 512 MiB everywhere.
+- ``attention``: the attention kernel of prefill without a KV cache, training, the vision tower and the projector
+  (aria_jax.kernels.attention): ``cudnn`` (GPU: cuDNN flash attention; float32 runs ``xla``), ``xla`` (TPU:
+  ``jax.nn.dot_product_attention``'s XLA form) or ``einsum`` (CPU, and the default: transformers' eager steps).
+  Decode steps over the KV cache always run the einsum form.
 
 ``Aria`` and training take a ``Runtime`` (``detect()`` unless the user gives one or overrides fields with
 ``Runtime.replace``), say which in their stats and logs (``describe``), and pass it down: model and kernel code read
@@ -37,14 +45,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 
 from aria_jax.quant import Holding, QuantSpec
 
-EXPERT_KERNELS = ("blocked", "ragged", "gather", "dense")
+EXPERT_KERNELS = ("blocked", "ragged", "gather", "dense", "pallas", "megablox", "tokamax")
 INFERENCE_LAYOUTS = ("stacked", "per_layer", "unrolled")
+ATTENTION_KERNELS = ("einsum", "xla", "cudnn")
 # XLA:CPU's switch from YNNPACK to its Eigen dots, faster for few-row matmuls (bench/HISTORY.md, session 7); single-row
 # matvecs run the same; prefill and training keep YNNPACK, faster for many rows.
 DEFAULT_IMAGE_CHUNK_BYTES = 512 << 20  # the vision tower's activations per chunk of images (Runtime.image_chunk_bytes)
@@ -66,6 +76,8 @@ class Runtime:
     int4_packed: bool = True
     quant_fused_rows: int = 0
     quant_layout: str = "stacked"
+    attention: str = "einsum"
+    pallas_interpret: bool = False
 
     def __post_init__(self):
         if self.experts not in EXPERT_KERNELS:
@@ -75,6 +87,9 @@ class Runtime:
                 raise ValueError(f"unknown layout '{layout}'; choose one of {', '.join(INFERENCE_LAYOUTS)}")
         if isinstance(self.matvec_split, bool) or not isinstance(self.matvec_split, int) or self.matvec_split < 1:
             raise ValueError(f"matvec_split must be an integer >= 1, got {self.matvec_split!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            known = ", ".join(ATTENTION_KERNELS)
+            raise ValueError(f"unknown attention kernel '{self.attention}'; choose one of {known}")
         chunk = self.image_chunk_bytes
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"image_chunk_bytes must be an integer >= 1, got {chunk!r}")
@@ -94,7 +109,7 @@ class Runtime:
         return (f"{self.platform}: experts {self.experts} (gather for a few rows), layout {self.layout}, "
                 f"scan_layers {str(self.scan_layers).lower()}, matvec split {self.matvec_split}, "
                 f"decode compiler options {options}, image chunks of {self.image_chunk_bytes >> 20} MiB, "
-                f"weights {self.quant.format if self.quant else 'float'}")
+                f"weights {self.quant.format if self.quant else 'float'}, attention {self.attention}")
 
 
 def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
@@ -108,7 +123,7 @@ def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not value:
             raise ValueError(f"runtime override '{item.strip()}' is not KEY=VALUE")
-        if key in ("experts", "layout", "quant_layout"):
+        if key in ("experts", "layout", "quant_layout", "attention"):
             changes[key] = value
         elif key in ("matvec_split", "image_chunk_bytes"):
             if not value.isdigit():
@@ -119,8 +134,8 @@ def with_overrides(spec: str | None, base: Runtime | None = None) -> Runtime:
                 raise ValueError(f"runtime decode_options can only be turned off ('none'), got '{value}'")
             changes[key] = ()
         else:
-            raise ValueError(f"unknown runtime key '{key}'; known: experts, layout, quant_layout, matvec_split, "
-                             "decode_options, image_chunk_bytes")
+            raise ValueError(f"unknown runtime key '{key}'; known: experts, layout, quant_layout, attention, "
+                             "matvec_split, decode_options, image_chunk_bytes")
     return runtime.replace(**changes)
 
 
@@ -136,7 +151,11 @@ def detect() -> Runtime:
     if name == "cpu":
         return Runtime(name, experts="blocked", layout="unrolled", scan_layers=False, matvec_split=2,
                        decode_options=_accepted(CPU_DECODE_OPTIONS), int4_packed=False, quant_fused_rows=16,
-                       quant_layout="per_layer")
+                       quant_layout="per_layer", pallas_interpret=True)
+    if name == "tpu":
+        return Runtime(name, experts="megablox", attention="xla")
+    if name == "gpu":
+        return Runtime(name, experts="tokamax" if importlib.util.find_spec("tokamax") else "pallas", attention="cudnn")
     return Runtime(name)
 
 

@@ -18,14 +18,31 @@ MID_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, 
 MID_P2Q = {1225: 128, 4900: 256}
 
 
-def build_mid_checkpoint(directory: str, seed: int = 0, **text):
+# The shape sweep (issue 23): four model shapes around the mid model, 4 layers each so a sweep fits in minutes:
+# vocabulary 8k-64k, vision 192 x 3 heads of 64 to 768 x 12, experts 16-64 of width 256-1024, text heads 8-20.
+SHAPES: dict[str, tuple[dict, dict]] = {
+    "small": (dict(vocab_size=8192, hidden_size=384, intermediate_size=256, num_attention_heads=8,
+                   num_key_value_heads=8, moe_num_experts=16, moe_topk=4, num_hidden_layers=4),
+              dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=4)),
+    "mid": (dict(num_hidden_layers=4), {}),
+    "wide-vocab": (dict(vocab_size=65536, hidden_size=640, intermediate_size=512, num_attention_heads=20,
+                        num_key_value_heads=4, head_dim=32, moe_num_experts=64, moe_topk=6, num_hidden_layers=4),
+                   dict(hidden_size=384, intermediate_size=1536, num_attention_heads=6, num_hidden_layers=4)),
+    "wide-experts": (dict(vocab_size=16384, hidden_size=768, intermediate_size=1024, num_attention_heads=12,
+                          num_key_value_heads=12, moe_num_experts=16, moe_topk=4, num_hidden_layers=4),
+                     dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=4)),
+}
+
+
+def build_mid_checkpoint(directory: str, seed: int = 0, vision: dict | None = None, **text):
     """A random transformers Aria of the mid-size config (``text`` overrides text-config keys, e.g. a longer
-    ``max_position_embeddings``), saved (hub layout); returns the torch model."""
+    ``max_position_embeddings``; ``vision`` vision-config keys: the shapes of ``SHAPES``), saved (hub layout);
+    returns the torch model."""
     import torch
     from transformers import AriaConfig, AriaForConditionalGeneration
 
     cfg = AriaConfig(text_config={"model_type": "aria_text", **MID_TEXT, **text},
-                     vision_config={"model_type": "idefics3_vision", **MID_VISION},
+                     vision_config={"model_type": "idefics3_vision", **MID_VISION, **(vision or {})},
                      projector_patch_to_query_dict=MID_P2Q)
     torch.manual_seed(seed)
     model = AriaForConditionalGeneration(cfg).eval()

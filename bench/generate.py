@@ -34,7 +34,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 import roofline  # noqa: E402
-from common import MID_P2Q, build_mid_checkpoint, print_table, reset_peak, status_mb, timeit  # noqa: E402
+from common import (  # noqa: E402
+    MID_P2Q,
+    MID_TEXT,
+    MID_VISION,
+    SHAPES,
+    build_mid_checkpoint,
+    print_table,
+    reset_peak,
+    status_mb,
+    timeit,
+)
 
 
 def distinct_experts(model, ids: np.ndarray, first: int) -> float:
@@ -154,6 +164,8 @@ def main() -> None:
     parser.add_argument("--layout", default="auto", help="aria_jax parameter layout: auto, unrolled or stacked")
     parser.add_argument("--quantize", default="",
                         help="comma-separated weight formats to add (int8, int4): one more aria_jax process each")
+    parser.add_argument("--shapes", nargs="?", const=",".join(SHAPES), default=None,
+                        help=f"sweep model shapes (default all: {', '.join(SHAPES)}; bench/common.py SHAPES)")
     parser.add_argument("--side", choices=("hf", "jax"), help=argparse.SUPPRESS)  # the child processes
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,6 +178,9 @@ def main() -> None:
     formats = [f for f in args.quantize.split(",") if f]
     if any(f not in ("int8", "int4") for f in formats):
         sys.exit(f"--quantize: unknown format in '{args.quantize}'; choose from int8, int4")
+    if args.shapes:
+        sweep(args)
+        return
     runs: dict[str, list[dict]] = {"hf": [], "jax": [], **{f"jax-{f}": [] for f in formats}}
     with tempfile.TemporaryDirectory() as directory:
         build_mid_checkpoint(directory)
@@ -208,6 +223,51 @@ def main() -> None:
                        "floor", "aria_jax / floor", "per process (hf / jax)"])
     if formats:
         print_quantized(runs, formats)
+
+
+def sweep(args) -> None:
+    """``--shapes``: every named shape of bench/common.py SHAPES, each side in its own processes as the single run,
+    one row per shape: decode at batch 1 and 8 and the image prefill, best process per side, ratios."""
+    names = [n for n in args.shapes.split(",") if n]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        sys.exit(f"--shapes: unknown shape '{unknown[0]}'; choose from {', '.join(SHAPES)}")
+    rows = []
+    for name in names:
+        text, vision = SHAPES[name]
+        runs: dict[str, list[dict]] = {"hf": [], "jax": []}
+        with tempfile.TemporaryDirectory() as directory:
+            build_mid_checkpoint(directory, vision=vision, **text)
+            for _ in range(args.rounds):
+                for side in runs:
+                    runs[side].append(child(side, directory, args))
+        row = {"shape": name, "text": _text_shape(text), "vision": _vision_shape(vision)}
+        for batch in (1, 8):
+            key = f"decode_s_{batch}"
+            hf, ours = best(runs["hf"], key)[key], best(runs["jax"], key)[key]
+            row[f"decode b{batch} tok/s (hf / jax)"] = f"{batch / hf:.1f} / {batch / ours:.1f}"
+            row[f"b{batch} ratio"] = f"{hf / ours:.2f}x"
+        hf, ours = best(runs["hf"], "prefill_ms")["prefill_ms"], best(runs["jax"], "prefill_ms")["prefill_ms"]
+        row["prefill ms (hf / jax)"] = f"{hf:.0f} / {ours:.0f}"
+        row["prefill ratio"] = f"{hf / ours:.2f}x"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"shape sweep: {args.rounds} process(es) per side and shape, best process per metric; ratio = "
+          "transformers time / aria_jax time; bars (issue 23): decode >= 3x at batch 1, >= 2.5x at batch 8, "
+          "image prefill >= 1.2x")
+    print_table(rows, ["shape", "text", "vision", "decode b1 tok/s (hf / jax)", "b1 ratio",
+                       "decode b8 tok/s (hf / jax)", "b8 ratio", "prefill ms (hf / jax)", "prefill ratio"])
+
+
+def _text_shape(text: dict) -> str:
+    t = {**MID_TEXT, **text}
+    return (f"V {t['vocab_size'] // 1000}k, D {t['hidden_size']}, {t['num_attention_heads']}/"
+            f"{t['num_key_value_heads']} heads, {t['moe_num_experts']} x {t['intermediate_size']} top-{t['moe_topk']}")
+
+
+def _vision_shape(vision: dict) -> str:
+    v = {**MID_VISION, **vision}
+    return f"{v['hidden_size']} x {v['num_attention_heads']} heads"
 
 
 def print_quantized(runs: dict[str, list[dict]], formats: list[str]) -> None:

@@ -4,7 +4,9 @@
 - matmul rate: a large float32 matmul under ``jax.jit`` (FLOP/s);
 - decode floor: bytes the step really reads (the weights of the layers, of the experts the batch's tokens were
   routed to, lm_head, and the KV cache) / bandwidth;
-- prefill and training floors: useful FLOPs (only the k routed experts per token, causal attention half) / rate.
+- prefill and training floors: useful FLOPs (only the k routed experts per token, causal attention half) / rate;
+- on an accelerator (bench/device.py): its copy bandwidth and bf16 matmul rate measured on the device, and its
+  data-sheet peaks (``DEVICE_PEAKS``).
 
     python bench/roofline.py       # prints the two rates
 """

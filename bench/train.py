@@ -1,6 +1,6 @@
 """Training step throughput and peak memory: aria_jax next to transformers, same random mid-size Aria and batch.
 
-    python bench/train.py [--batch 2] [--seq 256] [--repeats 3] [--rounds 2]
+    python bench/train.py [--batch 2] [--seq 256] [--repeats 3] [--rounds 2] [--shapes [small,mid,...]]
 
 Float32 on CPU, full fine-tuning of the whole text model (vision frozen, text-only batch), AdamW step included,
 router losses on for aria_jax (they cost little) and off in transformers (it has none). Each side runs in its own
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import build_mid_checkpoint, print_table  # noqa: E402
+from common import SHAPES, build_mid_checkpoint, print_table  # noqa: E402
 
 
 def _batch(vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -131,6 +131,45 @@ def child(side: str, directory: str, batch: int, seq: int, repeats: int) -> None
     print("RESULT " + json.dumps(result), flush=True)
 
 
+SIDES = (("hf", "transformers (eager, grouped_mm)"), ("jax", "aria_jax (jit, moe auto)"))
+
+
+def measure(directory: str, args) -> dict[str, list[dict]]:
+    """Every side's child processes on one checkpoint. The shared VM's speed drifts between processes (up to +-20%
+    for the same code): the sides alternate and each keeps its fastest process, so both get the same chances."""
+    results: dict[str, list[dict]] = {side: [] for side, _ in SIDES}
+    for _ in range(args.rounds):
+        for side, _name in SIDES:
+            cmd = [sys.executable, __file__, "--child", side, "--dir", directory, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results[side].append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+    return results
+
+
+def sweep(args) -> None:
+    """``--shapes``: one row per shape of bench/common.py SHAPES: step time per side (best process), tokens/s ratio,
+    peak RSS per side."""
+    names = [n for n in args.shapes.split(",") if n]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        sys.exit(f"--shapes: unknown shape '{unknown[0]}'; choose from {', '.join(SHAPES)}")
+    rows = []
+    for name in names:
+        text, vision = SHAPES[name]
+        with tempfile.TemporaryDirectory() as directory:
+            build_mid_checkpoint(directory, vision=vision, **text)
+            results = measure(directory, args)
+        hf, ours = (min(results[side], key=lambda r: r["step_s"]) for side in ("hf", "jax"))
+        rows.append({"shape": name, "step s (hf / jax)": f"{hf['step_s']:.2f} / {ours['step_s']:.2f}",
+                     "ratio": f"{hf['step_s'] / ours['step_s']:.2f}x",
+                     "peak RSS MB (hf / jax)": f"{hf['peak_rss_mb']:.0f} / {ours['peak_rss_mb']:.0f}"})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"training step sweep: batch {args.batch} x {args.seq}, float32, {args.rounds} process(es) per side and "
+          "shape; ratio = transformers step / aria_jax step (bar, issue 23: >= 1.5x)")
+    print_table(rows, ["shape", "step s (hf / jax)", "ratio", "peak RSS MB (hf / jax)"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
@@ -138,28 +177,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2,
                         help="child processes per side, alternated; each side reports its best process")
+    parser.add_argument("--shapes", nargs="?", const=",".join(SHAPES), default=None,
+                        help=f"sweep model shapes (default all: {', '.join(SHAPES)}; bench/common.py SHAPES)")
     parser.add_argument("--child", choices=("jax", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.dir, args.batch, args.seq, args.repeats)
         return
+    if args.shapes:
+        sweep(args)
+        return
     rows = []
-    sides = (("hf", "transformers (eager, grouped_mm)"), ("jax", "aria_jax (jit, moe auto)"))
-    results: dict[str, list[dict]] = {side: [] for side, _ in sides}
     with tempfile.TemporaryDirectory() as directory:
         build_mid_checkpoint(directory)
-        # The shared VM's speed drifts between processes (up to +-20% for the same code): alternate the sides and keep
-        # each side's fastest process, so both get the same chances.
-        for _ in range(args.rounds):
-            for side, _name in sides:
-                cmd = [sys.executable, __file__, "--child", side, "--dir", directory, "--batch", str(args.batch),
-                       "--seq", str(args.seq), "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                results[side].append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
+        results = measure(directory, args)
     tokens = args.batch * args.seq
-    best = {side: min(results[side], key=lambda r: r["step_s"]) for side, _ in sides}
-    for side, name in sides:
+    best = {side: min(results[side], key=lambda r: r["step_s"]) for side, _ in SIDES}
+    for side, name in SIDES:
         r = best[side]
         all_steps = ", ".join(f"{x['step_s']:.2f}" for x in results[side])
         rows.append({"implementation": name, "step s": f"{r['step_s']:.3f}", "per process": all_steps,

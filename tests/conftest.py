@@ -1,4 +1,6 @@
 import contextlib
+import importlib.abc
+import importlib.util
 import os
 import signal
 import subprocess
@@ -10,8 +12,9 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import hf_models  # noqa: E402
+# No test writes to the user's compilation cache (aria_jax/compile_cache.py): the CLI runs of the suite, in process or
+# in subprocesses, run without it; tests/cli/test_compile_cache.py gives its runs a cache of their own.
+os.environ["ARIA_JAX_NO_COMPILE_CACHE"] = "1"
 
 LAYOUTS = ("hub", "transformers5", "original")
 
@@ -21,6 +24,53 @@ _FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthC
 settings.register_profile("default", max_examples=60, **_FUZZ)
 settings.register_profile("slow", max_examples=2000, **_FUZZ)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# The reference (transformers on torch) is optional: without it (the newest-JAX CI leg) every test that uses one of
+# these fixtures, or is marked `torch` (subprocesses that need it), is skipped, and so is a test module or test that
+# imports torch, transformers or peft itself (as pytest.importorskip would).
+REFERENCE = ("torch", "transformers", "peft")
+REFERENCE_FIXTURES = {"hf_model", "checkpoint", "aria_model", "chat_dir"}
+HAVE_REFERENCE = all(importlib.util.find_spec(name) is not None for name in REFERENCE[:2])
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+class SkipWithoutReference(importlib.abc.MetaPathFinder):
+    """Last on sys.meta_path, so asked only for a module no other finder has: an import of torch, transformers or
+    peft by a file under tests/, directly or through the top level of modules it imports (`import safetensors.torch`),
+    skips the test module or test doing it; an import from inside any other function gets ModuleNotFoundError."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        top = fullname.partition(".")[0]
+        if top not in REFERENCE:
+            return None
+        frame = sys._getframe(1)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if os.path.abspath(filename).startswith(TESTS + os.sep):
+                pytest.skip(f"needs {top} (the reference), not installed", allow_module_level=True)
+            if not filename.startswith("<") and frame.f_code.co_name != "<module>":  # not importlib, not an import
+                return None
+            frame = frame.f_back
+        return None
+
+
+# Only where the reference is absent: with it installed, a missing optional submodule that transformers or torch probe
+# for would otherwise skip the test that imported them.
+if not HAVE_REFERENCE and not any(type(f).__name__ == SkipWithoutReference.__name__ for f in sys.meta_path):
+    sys.meta_path.append(SkipWithoutReference())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torch: needs torch and transformers (skipped where they are not installed)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_REFERENCE:
+        return
+    skip = pytest.mark.skip(reason="needs torch and transformers (the reference), not installed")
+    for item in items:
+        if REFERENCE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("torch"):
+            item.add_marker(skip)
 
 
 @contextlib.contextmanager
@@ -76,6 +126,8 @@ def rel_err(out, ref) -> float:
 @pytest.fixture(scope="session")
 def hf_model():
     """Cached tiny random transformers models by config name."""
+    import hf_models
+
     cache = {}
 
     def get(name: str):
@@ -89,6 +141,8 @@ def hf_model():
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, hf_model):
     """Cached checkpoint directories by (config name, layout)."""
+    import hf_models
+
     cache = {}
 
     def get(name: str, layout: str = "hub") -> str:
@@ -118,6 +172,7 @@ def aria_model(checkpoint):
 @pytest.fixture(scope="session")
 def chat_dir(tmp_path_factory):
     """A checkpoint with tokenizer, chat template and processor configs: (directory, transformers model)."""
+    import hf_models
     from aria_proc_dirs import write_dir
 
     directory = str(tmp_path_factory.mktemp("chat"))

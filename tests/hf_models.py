@@ -1,4 +1,7 @@
-"""Tiny random transformers Aria models, saved in each of the three checkpoint key layouts (aria-spec.md §8)."""
+"""Tiny random transformers Aria models, saved in each of the three checkpoint key layouts (aria-spec.md §8).
+
+Importable without torch (the configs and numpy batches are used by tests that need no reference model); making or
+saving a transformers model imports torch."""
 
 from __future__ import annotations
 
@@ -6,8 +9,6 @@ import json
 import os
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
 
 # Structural variety: GQA and MHA, 4/8/6 experts, top-2/3/1, 1 or 2 shared experts, head dims 16/10/12,
 # vision head dims 8/6/12, and two image sizes (query counts) per model.
@@ -98,8 +99,10 @@ EXTRA_CONFIGS: dict[str, dict] = {
 IMAGE_TOKEN = 9
 
 
-def make_hf_model(name: str, seed: int = 0, scale: float = 4.0, dtype=torch.float32):
-    """A random transformers AriaForConditionalGeneration; ``scale`` widens the init so logits are not flat."""
+def make_hf_model(name: str, seed: int = 0, scale: float = 4.0, dtype=None):
+    """A random transformers AriaForConditionalGeneration (float32 unless ``dtype``); ``scale`` widens the init so
+    logits are not flat."""
+    import torch
     from transformers import AriaConfig, AriaForConditionalGeneration
 
     spec = {**CONFIGS, **EXTRA_CONFIGS}[name]
@@ -126,7 +129,7 @@ def make_hf_model(name: str, seed: int = 0, scale: float = 4.0, dtype=torch.floa
             model.model.multi_modal_projector.feed_forward.linear_out,
         ):
             lin.weight.normal_(0, 2.0 / lin.weight.shape[1] ** 0.5)
-    return model.to(dtype).eval()
+    return model.to(torch.float32 if dtype is None else dtype).eval()
 
 
 def _hub_to_original(key: str) -> str:
@@ -140,6 +143,9 @@ def _hub_to_original(key: str) -> str:
 
 def save_layout(model, layout: str, directory: str, max_shard_size: str | None = None) -> str:
     """Write ``model`` as an HF directory in one of the layouts: transformers5, hub, original."""
+    import torch
+    from safetensors.torch import save_file
+
     os.makedirs(directory, exist_ok=True)
     if layout == "hub":
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -159,9 +165,10 @@ def save_layout(model, layout: str, directory: str, max_shard_size: str | None =
     if layout == "transformers5":
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
     elif layout == "original":
+        from safetensors.torch import load_file
+
         hub_dir = directory + "_hubtmp"
         model.save_pretrained(hub_dir)
-        from safetensors.torch import load_file
 
         state = {
             _hub_to_original(k): v

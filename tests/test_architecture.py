@@ -11,7 +11,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Bottom to top; a module may import from its own layer and the layers below it.
 LAYERS = (
-    ("aria_jax.errors", "aria_jax.files", "aria_jax.config", "aria_jax.quant", "aria_jax.runtime"),
+    ("aria_jax.errors", "aria_jax.files", "aria_jax.config", "aria_jax.quant", "aria_jax.runtime", "aria_jax.compile_cache"),
     ("aria_jax.kernels",),
     ("aria_jax.model",),
     ("aria_jax.parallel",),
@@ -21,8 +21,9 @@ LAYERS = (
     ("aria_jax.cli",),
 )
 # may be imported inside functions: not needed to run Aria; tensorboardX only when a run writes TensorBoard events
-# (it imports torch whenever torch is installed); wandb is not a dependency at all
-OPTIONAL = ("torch", "transformers", "huggingface_hub", "tensorboardX", "wandb")
+# (it imports torch whenever torch is installed); wandb is not a dependency at all; PyAV only when a video is read and
+# qwix only for the ragged kernel on quantized weights (a machine without them runs everything else)
+OPTIONAL = ("torch", "transformers", "huggingface_hub", "tensorboardX", "wandb", "av", "qwix")
 FACE = "aria_jax"  # aria_jax/__init__.py re-exports Aria, AriaConfig, AriaProcessor: above every layer
 
 

@@ -34,3 +34,23 @@ def test_overrides_change_only_the_named_fields():
 def test_bad_overrides_name_the_key_or_value(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         with_overrides(spec, Runtime())
+
+
+def test_cpu_runs_the_pallas_kernels_in_interpret_mode_and_accepts_them_by_name():
+    if runtime.platform() != "cpu":
+        pytest.skip("the CPU's choices")
+    assert runtime.detect().pallas_interpret
+    for kernel in ("pallas", "megablox", "tokamax"):
+        assert with_overrides(f"experts={kernel}", runtime.detect()).experts == kernel
+
+
+@pytest.mark.parametrize("name, tokamax, experts", [
+    ("tpu", False, "megablox"), ("gpu", True, "tokamax"), ("gpu", False, "pallas"), ("cpu", False, "blocked"),
+])
+def test_each_platform_gets_its_expert_kernel(monkeypatch, name, tokamax, experts):
+    """Accelerators compile their Pallas kernels (no interpreter); GPUs take tokamax where it is installed."""
+    monkeypatch.setattr(runtime, "platform", lambda: name)
+    if name == "gpu":
+        monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda module: object() if tokamax else None)
+    chosen = runtime.detect.__wrapped__()
+    assert chosen.experts == experts and chosen.pallas_interpret == (name == "cpu")

@@ -49,7 +49,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "every linear layer of the language model (a directory converted with --quantize needs none)")
     p.add_argument("--runtime", default=None, metavar="KEY=VALUE,...",
                    help="override the platform's kernel choices (printed with the stats): experts=ragged|blocked|"
-                        "gather|dense, layout=stacked|unrolled, matvec_split=N, decode_options=none, "
+                        "gather|dense|pallas|megablox|tokamax, layout=stacked|per_layer|unrolled, attention=einsum|xla|"
+                        "cudnn, matvec_split=N, decode_options=none, "
                         "image_chunk_bytes=N")
 
 

@@ -139,7 +139,7 @@ class Decoder:
         if p <= most:
             output = self.module.apply(
                 {"params": params}, input_ids, mask, pixel_values, pixel_mask, positions=positions,
-                cache=cache, index=jnp.int32(0), last_only=True,
+                cache=cache, index=0, last_only=True,  # a Python int: a kernel may skip the cache
             )
             cache, logits = output.cache, output.logits
         else:  # ceil(p / most) equal chunks: all but the last in a loop, then the last one, ending at p (when

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -24,7 +23,16 @@ from aria_jax.errors import InputError, one_line
 VIDEO_IMAGE_SIZE = 490  # the original's max_image_size for video frames (128 tokens per frame)
 DEFAULT_NUM_FRAMES = 8  # the original's training default (its notebook uses 128)
 _PAST_END = 2  # frames a header's count may exceed the frames that decode (duration x rate rounding)
-_DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, RuntimeError, EOFError, MemoryError)
+def _av():
+    """PyAV, imported when a video is read (an image-only or text-only run, or a device machine without PyAV, never
+    needs it)."""
+    import av  # noqa: PLC0415
+
+    return av
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    return (_av().FFmpegError, OSError, ValueError, RuntimeError, EOFError, MemoryError)
 
 
 class VideoError(InputError):
@@ -75,10 +83,10 @@ def _open(path: str | os.PathLike) -> Any:
     try:
         if os.path.getsize(name) == 0:
             raise VideoError(f"{name}: empty file, not a video")
-        return av.open(name, mode="r")
+        return _av().open(name, mode="r")
     except VideoError:
         raise
-    except _DECODE_ERRORS as e:
+    except _decode_errors() as e:
         raise VideoError(f"{name}: cannot read as a video ({_reason(e)})") from None
 
 
@@ -113,7 +121,7 @@ def _duration(container: Any, stream: Any) -> float:
     except ValueError:
         pass
     if container.duration:
-        return container.duration / av.time_base
+        return container.duration / _av().time_base
     return 0.0
 
 
@@ -136,7 +144,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         return VideoInfo(frames=frames, fps=fps, width=int(ctx.width or 0), height=int(ctx.height or 0))
     except VideoError:
         raise
-    except _DECODE_ERRORS as e:
+    except _decode_errors() as e:
         raise VideoError(f"{name}: cannot read the video header ({_reason(e)})") from None
     finally:
         container.close()
@@ -291,7 +299,7 @@ def load_frames(path: str | os.PathLike, indices: Sequence[int]) -> list[Image.I
         found = _decode(container, stream, sorted(set(wanted)))
     except VideoError as e:
         raise VideoError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
-    except _DECODE_ERRORS as e:
+    except _decode_errors() as e:
         raise VideoError(f"{name}: cannot decode the video ({_reason(e)})") from None
     finally:
         container.close()

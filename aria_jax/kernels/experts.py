@@ -7,6 +7,9 @@ Backends over (token, slot) pairs routed to experts, interchangeable by name:
 - ``blocked``: sort, then each expert's contiguous rows through its own weights in chunks, with a hand-written VJP
   (``grouped_mlp``); few wasted FLOPs where ``ragged_dot`` lowers to an E-times dense matmul (CPU);
 - ``dense``: every expert on every token; a simple reference for tests;
+- ``pallas``, ``megablox``, ``tokamax`` (``kernels.grouped_experts``): the accelerators' grouped matmuls: this project's
+  Pallas kernel (``kernels.pallas_gmm``; GPU without tokamax), Pallas megablox ``gmm`` (TPU), ``tokamax.ragged_dot``
+  (GPU, the optional ``gpu`` extra); the Pallas ones run anywhere in interpret mode (``Runtime.pallas_interpret``);
 - ``split`` (``experts_split``): one array per expert (the ``unrolled`` parameter layout): XLA reads each in place,
   where any slice of a stacked (E, ...) array is copied first on CPU.
 
@@ -23,26 +26,20 @@ for, where ``auto`` is ``gather`` for a few rows and the platform's choice (``Ru
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import qwix
 
 from aria_jax.kernels import grouped_mlp
 from aria_jax.kernels.activations import swiglu
 from aria_jax.kernels.expert_parallel import experts_expert_parallel
+from aria_jax.kernels.grouped_experts import combine as _combine
+from aria_jax.kernels.grouped_experts import experts_megablox, experts_pallas, experts_tokamax, tokamax_installed
 from aria_jax.kernels.matmul import project
 from aria_jax.kernels.quantized import QWeight, as_float, values
-
-
-def _combine(ys: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
-    """Outputs of the expert-sorted (token, slot) rows back in (token, slot) order, summed with the routing weights."""
-    t, k = weights.shape
-    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True).reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
-
 
 Pair = tuple[jax.Array, jax.Array] | None
 
@@ -70,6 +67,8 @@ def _ragged_dot(x: jax.Array, w: jax.Array | QWeight, group_sizes: jax.Array) ->
     (qwix's QArray: the int8 values and their per-channel or per-group scales; float32 accumulation)."""
     if not isinstance(w, QWeight):
         return jax.lax.ragged_dot(x, w, group_sizes)
+    import qwix  # noqa: PLC0415  (only the ragged kernel on quantized weights needs it)
+
     scale = w.scale if w.scale.ndim == w.q.ndim else w.scale[..., None]  # per group of K, or one per channel
     rhs = qwix.QArray(qvalue=values(w), scale=scale.astype(jnp.float32), zero_point=None, qtype=jnp.int8)
     numbers = jax.lax.RaggedDotDimensionNumbers(
@@ -250,7 +249,16 @@ EXPERT_BACKENDS: dict[str, Callable[..., jax.Array]] = {
     "gather": experts_gather,
     "blocked": experts_blocked,
     "dense": experts_dense,
+    "pallas": experts_pallas,
+    "megablox": experts_megablox,
+    "tokamax": experts_tokamax,
 }
+PALLAS_BACKENDS = ("pallas", "megablox", "tokamax")  # take ``interpret``; under expert parallelism run ``ragged``
+
+
+def available_backends() -> tuple[str, ...]:
+    """The EXPERT_BACKENDS this installation runs: all but ``tokamax`` where tokamax is not installed."""
+    return tuple(name for name in EXPERT_BACKENDS if name != "tokamax" or tokamax_installed())
 
 
 class ExpertWeights(NamedTuple):
@@ -278,9 +286,10 @@ def choose_backend(requested: str, pairs: int, num_experts: int, platform_defaul
 
 def run_experts(x: jax.Array, weights: jax.Array, ids: jax.Array, experts: ExpertWeights, backend: str = "auto",
                 platform_default: str = "ragged", mesh=None, ep_schedule: str = "auto",
-                matvec_split: int = 1) -> jax.Array:
+                matvec_split: int = 1, interpret: bool | None = None) -> jax.Array:
     """The routed experts' output (T, D) for tokens ``x`` (T, D) routed to ``ids`` (T, k) with ``weights`` (T, k):
-    the one entry point, whatever the weights' layout, the mesh or the LoRA pairs (see the module docstring)."""
+    the one entry point, whatever the weights' layout, the mesh or the LoRA pairs (see the module docstring).
+    ``interpret``: run the Pallas backends in interpret mode (``Runtime.pallas_interpret``; None: ``detect()``'s)."""
     if backend not in MOE_BACKENDS:
         raise ValueError(f"unknown MoE backend '{backend}'; choose one of {', '.join(MOE_BACKENDS)}")
     if isinstance(experts.gate_up, tuple):
@@ -291,14 +300,18 @@ def run_experts(x: jax.Array, weights: jax.Array, ids: jax.Array, experts: Exper
     if mesh is not None and mesh.shape.get("expert", 1) > 1:
         # Each shard runs its own experts with a backend that skips other shards' pairs: ragged or blocked. LoRA is
         # merged into the weights there (no LoRA dropout under expert parallelism).
-        ragged = backend == "ragged" or (backend == "auto" and platform_default == "ragged")
+        asked = platform_default if backend == "auto" else backend
+        ragged = asked in ("ragged", *PALLAS_BACKENDS)
         local = experts_ragged if ragged else experts_blocked
         if lora is not None:  # quantized weights are dequantized to merge
             gate_up, down = (merge_expert_lora(gate_up, lora.gate_up, x.dtype),
                              merge_expert_lora(down, lora.down, x.dtype))
         return experts_expert_parallel(x, weights, ids, gate_up, down, mesh=mesh, backend=local, schedule=ep_schedule)
     chosen = choose_backend(backend, ids.size, experts.count, platform_default, isinstance(gate_up, QWeight))
-    return EXPERT_BACKENDS[chosen](x, weights, ids, gate_up, down, lora)
+    kernel = EXPERT_BACKENDS[chosen]
+    if chosen in PALLAS_BACKENDS:
+        kernel = functools.partial(kernel, interpret=interpret)
+    return kernel(x, weights, ids, gate_up, down, lora)
 
 
 MOE_BACKENDS = ("auto", *EXPERT_BACKENDS)

@@ -132,8 +132,9 @@ class AriaModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.vision_tower = VisionTower(cfg.vision, cfg.vision_layers_used, self.dtype, self.remat)
-        self.projector = Projector(cfg, self.dtype)
+        attention = self.runtime.attention
+        self.vision_tower = VisionTower(cfg.vision, cfg.vision_layers_used, self.dtype, self.remat, attention)
+        self.projector = Projector(cfg, self.dtype, attention)
         self.language_model = TextDecoder(
             cfg.text, self.moe_backend, self.dtype, self.remat, self.mesh, self.layout, self.runtime
         )

@@ -1,4 +1,5 @@
-"""Text self-attention: RoPE, causal + padding masks, GQA/MHA, over the whole sequence or a KV cache."""
+"""Text self-attention: RoPE, causal + padding masks, GQA/MHA, over the whole sequence (the kernel
+``Runtime.attention`` picks: aria_jax.kernels.attention) or a KV cache (einsums over the cache's layouts)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
+from aria_jax.kernels.attention import attention, masked_softmax
 from aria_jax.kernels.matmul import project
 from aria_jax.model.kv_cache import LayerCache, cache_read, cache_write
-from aria_jax.model.layers import lora_delta, masked_softmax, weight
+from aria_jax.model.layers import lora_delta, weight
 from aria_jax.quant import Holding
 
 
@@ -44,6 +46,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     matvec_split: int = 1  # Runtime.matvec_split (kernels.matmul.project)
     quant: Holding | None = None  # quantized q/k/v/o kernels (Runtime.holding)
+    attention: str = "einsum"  # Runtime.attention: the kernel without a KV cache (aria_jax.kernels.attention)
 
     @nn.compact
     def __call__(
@@ -62,11 +65,23 @@ class Attention(nn.Module):
         q = apply_rope(project(x, wq, split=split) + lora_delta(self, "q_kernel", x, 1), cos, sin)
         k = apply_rope(project(x, wk, split=split) + lora_delta(self, "k_kernel", x, 1), cos, sin)
         v = project(x, wv, split=split) + lora_delta(self, "v_kernel", x, 1)
-        if cache is not None:
+        if cache is not None and _prefill_from_start(cache, index, self.attention):
+            # its queries read only its own keys (the cache's later slots are later than every query): the kernel
+            # runs over them, rounded to the cache's dtype as the cached path reads them
+            cache = cache_write(cache, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), 0)
+            k, v = k.astype(cache.k.dtype).astype(q.dtype), v.astype(cache.v.dtype).astype(q.dtype)
+            out = _attend(q, k, v, mask[..., : x.shape[1]], self.attention)
+        elif cache is not None:
             out, cache = _attend_cached(q, k, v, mask, cache, index)
         else:
-            out = _attend(q, k, v, mask)
+            out = _attend(q, k, v, mask, self.attention)
         return project(out, wo, 2, split=split) + lora_delta(self, "o_kernel", out, 2), cache
+
+
+def _prefill_from_start(cache: LayerCache, index, implementation: str) -> bool:
+    """A prefill written from slot 0 (``index`` the Python int 0, known when tracing) into a float cache, with a
+    kernel other than ``einsum`` (which keeps the cached form below, tuned on CPU)."""
+    return implementation != "einsum" and cache.k_scale is None and isinstance(index, int) and index == 0
 
 
 def _attend_cached(q, k, v, mask, cache, index):
@@ -82,15 +97,7 @@ def _attend_cached(q, k, v, mask, cache, index):
     return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, nh, hd), cache
 
 
-def _attend(q, k, v, mask):
-    """Attention without a cache (prefill of a whole sequence, training): batch and kv head lead every operand, so
-    both matmuls and their gradients are plain batched matmuls (XLA:CPU transposed the mixed layouts per call)."""
-    b, t, nh, hd = q.shape
-    nkv = k.shape[2]
-    g = nh // nkv  # query head n uses kv head n // g, as transformers' repeat_kv
-    q = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, hd)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkqh,bksh->bkqs", q, k) * (hd**-0.5)
-    probs = masked_softmax(scores.reshape(b, nkv, g, t, -1), mask[:, :, None], q.dtype)
-    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(b, nkv, g * t, -1), v)
-    return out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, nh, hd)
+def _attend(q, k, v, mask, implementation: str = "einsum"):
+    """Attention without a cache (prefill of a whole sequence, training) through the kernel ``Runtime.attention``
+    picks. The decoder's mask is causal & padding: its last query row reads every key the padding allows."""
+    return attention(q, k, v, mask[:, 0, -1, :], causal=True, implementation=implementation)

@@ -34,7 +34,8 @@ class DecoderLayer(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, LayerCache | None]]:
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="input_layernorm")(x)
-        attention = Attention(cfg, self.dtype, self.runtime.matvec_split, self.runtime.holding(), name="self_attn")
+        rt = self.runtime
+        attention = Attention(cfg, self.dtype, rt.matvec_split, rt.holding(), rt.attention, name="self_attn")
         attn, cache = attention(h, cos, sin, mask, cache, index)
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name="post_attention_layernorm")(x)

@@ -1,4 +1,5 @@
-"""Shared building blocks: parameters with logical axes, norms, linear layers, attention softmax."""
+"""Shared building blocks: parameters with logical axes, norms, linear layers (the attention softmax is
+aria_jax.kernels.attention.masked_softmax)."""
 
 from __future__ import annotations
 
@@ -148,19 +149,4 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def masked_softmax(scores: jax.Array, mask: jax.Array | None, out_dtype: jnp.dtype) -> jax.Array:
-    """Softmax in float32 over the last axis; masked-out entries get the dtype minimum, as transformers' eager path.
-
-    The mask is added as a 0 / minimum bias of the mask's own (broadcast) shape: ``s + min`` rounds to ``min`` for
-    any score below ~1e31, so this equals selecting the minimum, and XLA:CPU fuses the add into a vectorised
-    softmax where a select against a broadcast boolean mask runs several times slower (bench/HISTORY.md, session 6).
-    """
-    scores = scores.astype(jnp.float32)
-    if mask is not None:
-        scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).astype(out_dtype)
-
-
 # torch evaluates these in float32 and rounds once to the input dtype; so do we (it matters in bfloat16).
-
-

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from aria_jax.config import AriaConfig
-from aria_jax.kernels.activations import gelu_tanh, softmax
+from aria_jax.kernels.activations import gelu_tanh
+from aria_jax.kernels.attention import attention
 from aria_jax.model.layers import LayerNorm, Linear, lora_delta, param
 
 PROJECTOR_LN_EPS = 1e-5  # torch nn.LayerNorm's default, not the vision tower's 1e-6
@@ -16,12 +17,13 @@ PROJECTOR_LN_EPS = 1e-5  # torch nn.LayerNorm's default, not the vision tower's 
 class CrossAttention(nn.Module):
     """Aria's q/k/v projections followed by ``torch.nn.MultiheadAttention``'s own in-projections (with bias).
 
-    No residual connection; the query is scaled *before* the score matmul and the softmax runs in the input
-    dtype, both as torch's MultiheadAttention does.
+    No residual connection; the query is scaled *before* the score matmul (the kernel's scale is 1) and the
+    probabilities are rounded to the input dtype, both as torch's MultiheadAttention does.
     """
 
     config: AriaConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str = "einsum"  # Runtime.attention (aria_jax.kernels.attention)
 
     @nn.compact
     def __call__(self, features: jax.Array, queries: jax.Array, key_mask: jax.Array | None) -> jax.Array:
@@ -52,11 +54,7 @@ class CrossAttention(nn.Module):
 
         q2 = in_proj("q", q) * jnp.asarray(hd**-0.5, self.dtype)
         k2, v2 = in_proj("k", k), in_proj("v", v)
-        scores = jnp.einsum("bqnh,bknh->bnqk", q2, k2)
-        if key_mask is not None:
-            scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
-        probs = softmax(scores)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v2)
+        out = attention(q2, k2, v2, key_mask, implementation=self.attention, scale=1.0)
         wo = param(self, "out_kernel", (nh, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype)
         bo = param(self, "out_bias", (d,), ("vision_embed",), self.dtype, nn.initializers.zeros)
         out = jnp.einsum("bqnh,nhd->bqd", out, wo) + bo + lora_delta(self, "out_kernel", out, 2)
@@ -68,6 +66,7 @@ class Projector(nn.Module):
 
     config: AriaConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str = "einsum"  # Runtime.attention
 
     @nn.compact
     def __call__(self, features: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
@@ -76,7 +75,7 @@ class Projector(nn.Module):
         nq = cfg.queries_for_patches(p)
         table = param(self, "query", (cfg.num_queries, dv), ("queries", "vision_embed"), self.dtype)
         queries = jnp.broadcast_to(table[:nq], (n, nq, dv))
-        x = CrossAttention(cfg, self.dtype, name="cross_attn")(features, queries, key_mask)
+        x = CrossAttention(cfg, self.dtype, self.attention, name="cross_attn")(features, queries, key_mask)
         x = LayerNorm(PROJECTOR_LN_EPS, dtype=self.dtype, name="layer_norm")(x)
         dt = cfg.text.hidden_size
         x = Linear(dt, ("vision_embed", "mlp"), False, self.dtype, name="linear_in")(x)

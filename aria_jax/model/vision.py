@@ -13,7 +13,8 @@ import numpy as np
 
 from aria_jax.config import AriaVisionConfig
 from aria_jax.kernels.activations import gelu_tanh
-from aria_jax.model.layers import LORA, LayerNorm, Linear, lora_delta, masked_softmax, param
+from aria_jax.kernels.attention import attention
+from aria_jax.model.layers import LORA, LayerNorm, Linear, lora_delta, param
 
 
 def patch_attention_mask(pixel_mask: jax.Array, patch_size: int) -> jax.Array:
@@ -88,17 +89,10 @@ def query_chunk(batch: int, heads: int, patches: int) -> int:
     return patches if rows >= patches else max(MIN_QUERY_CHUNK, rows // 128 * 128)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, head_dim: int) -> jax.Array:
-    """Heads-first (B, N, Q, H) queries, keys (B, N, H, K) and values (B, N, K, H): both matmuls in their
-    plain batched form, so XLA does not transpose the (B, N, Q, K) probabilities."""
-    scores = jnp.einsum("bnqh,bnhk->bnqk", q, k) * (head_dim**-0.5)
-    probs = masked_softmax(scores, key_mask[:, None, None, :], q.dtype)
-    return jnp.einsum("bnqk,bnkh->bnqh", probs, v)
-
-
 class VisionAttention(nn.Module):
     config: AriaVisionConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str = "einsum"  # Runtime.attention (aria_jax.kernels.attention)
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -114,12 +108,10 @@ class VisionAttention(nn.Module):
             )
             return jnp.einsum("bpd,dnh->bpnh", x, w) + b + lora_delta(self, f"{name}_kernel", x, 1)
 
-        q, k, v = proj("q").transpose(0, 2, 1, 3), proj("k").transpose(0, 2, 3, 1), proj("v").transpose(0, 2, 1, 3)
-        b, _, p, _ = q.shape
-        chunk = query_chunk(b, nh, p)
-        out = jnp.concatenate(  # query chunks bound the (B, heads, chunk, patches) score block
-            [_attend(q[:, :, i : i + chunk], k, v, key_mask, hd) for i in range(0, p, chunk)], axis=2
-        ).transpose(0, 2, 1, 3)
+        q = proj("q")
+        b, p = q.shape[:2]
+        out = attention(q, proj("k"), proj("v"), key_mask, implementation=self.attention,
+                        query_chunk=query_chunk(b, nh, p))
         wo = param(self, "out_kernel", (nh, hd, d), ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype)
         bo = param(self, "out_bias", (d,), ("vision_embed",), self.dtype, nn.initializers.zeros)
         return jnp.einsum("bqnh,nhd->bqd", out, wo) + bo + lora_delta(self, "out_kernel", out, 2)
@@ -130,13 +122,14 @@ class VisionEncoderLayer(nn.Module):
 
     config: AriaVisionConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str = "einsum"  # Runtime.attention
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
         cfg = self.config
         eps = cfg.layer_norm_eps
         h = LayerNorm(eps, dtype=self.dtype, name="layer_norm1")(x)
-        x = x + VisionAttention(cfg, self.dtype, name="self_attn")(h, key_mask)
+        x = x + VisionAttention(cfg, self.dtype, self.attention, name="self_attn")(h, key_mask)
         h = LayerNorm(eps, dtype=self.dtype, name="layer_norm2")(x)
         h = Linear(cfg.intermediate_size, ("vision_embed", "vision_mlp"), True, self.dtype, name="fc1")(h)
         h = Linear(cfg.hidden_size, ("vision_mlp", "vision_embed"), True, self.dtype, name="fc2")(gelu_tanh(h))
@@ -150,6 +143,7 @@ class VisionTower(nn.Module):
     num_layers: int  # layers to run: hidden_states[k] is the output of the first k layers
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    attention: str = "einsum"  # Runtime.attention
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array, pixel_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -170,5 +164,5 @@ class VisionTower(nn.Module):
                 in_axes=nn.broadcast,
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.dtype, name="layers")(x, key_mask)
+            )(cfg, self.dtype, self.attention, name="layers")(x, key_mask)
         return x, key_mask

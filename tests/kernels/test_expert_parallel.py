@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,6 +23,7 @@ def test_both_schedules_equal_the_dense_reference_in_values_and_gradients():
     assert "OK" in run_8_devices("ep_check.py")
 
 
+@pytest.mark.torch  # the script builds its checkpoint with transformers
 def test_meshes_equal_one_device_and_transformers():
     """expert=8, data=2,expert=4, expert=4,tensor=2, data=8: logits (<= 1e-5 vs one device, <= 1e-4 vs
     transformers), greedy tokens (equal) and gradients of a cross-entropy loss (<= 1e-5)."""
@@ -28,6 +31,7 @@ def test_meshes_equal_one_device_and_transformers():
     assert out.strip().endswith("OK") and out.count("grads") == 4
 
 
+@pytest.mark.torch  # the script builds its checkpoint with transformers
 def test_quantized_weights_on_meshes_equal_one_device():
     """int8 and packed int4 expert stacks split over the expert axis (and tensor/data axes): logits <= 1e-5 of one
     device, greedy tokens equal."""
