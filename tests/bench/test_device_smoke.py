@@ -19,10 +19,15 @@ from aria_jax.runtime import EXPERT_KERNELS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "bench", "device.py")
+_path, _modules = list(sys.path), set(sys.modules)
 _spec = importlib.util.spec_from_file_location("bench_device", SCRIPT)
 device = sys.modules["bench_device"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(device)
 roofline = sys.modules["roofline"]  # bench/roofline.py, imported by bench/device.py
+# bench/ out of the path and its modules out of the cache again: tests/multidevice has a `common` module of its own
+sys.path[:] = _path
+for _name in {"common", "roofline", "device_report"} - _modules:
+    sys.modules.pop(_name, None)
 
 
 def smoke(tmp_path, *args: str) -> tuple[dict, str]:
