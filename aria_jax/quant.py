@@ -98,18 +98,23 @@ def group_size(k: int, group: int) -> int:
     raise ValueError(f"cannot group {k} input channels for int4 (an even group size must divide it)")
 
 
-def quantized_weight(path: str, spec: QuantSpec | None) -> tuple[int, int] | None:
+def weight_axes(path: str) -> tuple[int, int] | None:
     """(leading axes, contracted axes) of the parameter at ``path`` (stacked layout, "/"-joined, from the params
-    root) when ``spec`` quantizes it, else None."""
-    if spec is None:
-        return None
+    root) when it is a weight quantization can cover, else None."""
     if path == "language_model/lm_head/kernel":
-        return (0, 1) if spec.lm_head else None
+        return 0, 1
     prefix = "language_model/layers/"
     if path.startswith(prefix) and path[len(prefix):] in LAYER_WEIGHTS:
         lead, n_in = LAYER_WEIGHTS[path[len(prefix):]]
         return lead + 1, n_in
     return None
+
+
+def quantized_weight(path: str, spec: QuantSpec | None) -> tuple[int, int] | None:
+    """``weight_axes(path)`` when ``spec`` quantizes that weight (``lm_head`` only with ``spec.lm_head``)."""
+    if spec is None or (path == "language_model/lm_head/kernel" and not spec.lm_head):
+        return None
+    return weight_axes(path)
 
 
 def stored_shapes(shape: tuple[int, ...], lead: int, n_in: int, spec: QuantSpec, packed: bool = True
@@ -184,11 +189,3 @@ def dequantize(q: np.ndarray, scale: np.ndarray, logical_shape: tuple[int, ...],
     scale = scale.reshape(*head, n, groups)
     wt = (blocks * scale[..., None]).reshape(*head, n, k)
     return np.swapaxes(wt, -1, -2).reshape(logical_shape)
-
-
-def stored_bytes(shape: tuple[int, ...], lead: int, n_in: int, spec: QuantSpec | None, itemsize: int) -> int:
-    """Bytes a weight takes as stored (quantized when ``spec`` is given, else at ``itemsize``)."""
-    if spec is None:
-        return math.prod(shape) * itemsize
-    q, s, dtype = stored_shapes(shape, lead, n_in, spec)
-    return math.prod(q) * dtype.itemsize + math.prod(s) * 4

@@ -34,6 +34,17 @@ SHAPES: dict[str, tuple[dict, dict]] = {
 }
 
 
+def shape_names(arg: str) -> list[str]:
+    """``--shapes a,b``: the named shapes of ``SHAPES``, or exit with one line naming an unknown one."""
+    import sys
+
+    names = [n for n in arg.split(",") if n]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        sys.exit(f"--shapes: unknown shape '{unknown[0]}'; choose from {', '.join(SHAPES)}")
+    return names
+
+
 def build_mid_checkpoint(directory: str, seed: int = 0, vision: dict | None = None, **text):
     """A random transformers Aria of the mid-size config (``text`` overrides text-config keys, e.g. a longer
     ``max_position_embeddings``; ``vision`` vision-config keys: the shapes of ``SHAPES``), saved (hub layout);

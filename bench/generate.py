@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     build_mid_checkpoint,
     print_table,
     reset_peak,
+    shape_names,
     status_mb,
     timeit,
 )
@@ -228,12 +229,8 @@ def main() -> None:
 def sweep(args) -> None:
     """``--shapes``: every named shape of bench/common.py SHAPES, each side in its own processes as the single run,
     one row per shape: decode at batch 1 and 8 and the image prefill, best process per side, ratios."""
-    names = [n for n in args.shapes.split(",") if n]
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        sys.exit(f"--shapes: unknown shape '{unknown[0]}'; choose from {', '.join(SHAPES)}")
     rows = []
-    for name in names:
+    for name in shape_names(args.shapes):
         text, vision = SHAPES[name]
         runs: dict[str, list[dict]] = {"hf": [], "jax": []}
         with tempfile.TemporaryDirectory() as directory:

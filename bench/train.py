@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import SHAPES, build_mid_checkpoint, print_table  # noqa: E402
+from common import SHAPES, build_mid_checkpoint, print_table, shape_names  # noqa: E402
 
 
 def _batch(vocab: int, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -150,12 +150,8 @@ def measure(directory: str, args) -> dict[str, list[dict]]:
 def sweep(args) -> None:
     """``--shapes``: one row per shape of bench/common.py SHAPES: step time per side (best process), tokens/s ratio,
     peak RSS per side."""
-    names = [n for n in args.shapes.split(",") if n]
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        sys.exit(f"--shapes: unknown shape '{unknown[0]}'; choose from {', '.join(SHAPES)}")
     rows = []
-    for name in names:
+    for name in shape_names(args.shapes):
         text, vision = SHAPES[name]
         with tempfile.TemporaryDirectory() as directory:
             build_mid_checkpoint(directory, vision=vision, **text)

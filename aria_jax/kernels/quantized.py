@@ -96,13 +96,12 @@ def qproject(x: jax.Array, w: QWeight, n_in: int = 1) -> jax.Array:
     q, scale, x2 = jax.lax.optimization_barrier((w.q, w.scale, x2))
     w = dataclasses.replace(w, q=q, scale=scale)
     q = values(w)
-    wd = dequantize(w, x.dtype)  # (N, K)
     if rows == 1 and w.fused_rows and w.groups == 1:
         # one scale per output channel, applied after the dot: its consumer is then a multiply, never an add that
         # XLA:CPU would fuse into the dot as an output fusion (which takes no dequantizing producer)
         y = (jnp.dot(x2[0], q.astype(x.dtype).T, preferred_element_type=jnp.float32) * w.scale.reshape(-1))[None]
     elif rows == 1 and w.fused_rows:
-        y = jnp.dot(x2[0], wd.T, preferred_element_type=jnp.float32)[None]
+        y = jnp.dot(x2[0], dequantize(w, x.dtype).T, preferred_element_type=jnp.float32)[None]
     elif rows <= w.fused_rows and w.groups == 1:
         y = jnp.sum(q.astype(jnp.float32)[None] * x2.astype(jnp.float32)[:, None, :], axis=-1) * w.scale.reshape(-1)
     elif rows <= w.fused_rows:  # one such reduction per group of K (a scale broadcast inside runs ~8x slower)
@@ -111,7 +110,7 @@ def qproject(x: jax.Array, w: QWeight, n_in: int = 1) -> jax.Array:
                         * x2[:, None, i * size : (i + 1) * size].astype(jnp.float32), axis=-1) * w.scale[:, i]
                 for i in range(w.groups))
     else:
-        y = jnp.einsum("rk,nk->rn", x2, wd, preferred_element_type=jnp.float32)
+        y = jnp.einsum("rk,nk->rn", x2, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
     return y.astype(x.dtype).reshape(*lead, *w.out_shape)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from aria_jax.config import AriaConfig
 from aria_jax.model.schema import param_specs
-from aria_jax.quant import QuantSpec, dequantize, quantize, quantized_weight
+from aria_jax.quant import QuantSpec, dequantize, quantize, quantized_weight, weight_axes
 
 
 def _items(tree: dict, prefix: str = ""):
@@ -63,11 +63,8 @@ def dequantize_params(params: dict, cfg: AriaConfig, dtype: jnp.dtype = jnp.floa
             continue
         if path.endswith("_q") and path[: -len("_q")] in specs:
             base = path[: -len("_q")]
-            rule = quantized_weight(base, QuantSpec("int8"))  # the (lead, n_in) of the weight, any format
-            if rule is None and base == "language_model/lm_head/kernel":
-                rule = (0, 1)
             w = dequantize(np.asarray(jax.device_get(leaf)), np.asarray(jax.device_get(leaves[base + "_scale"])),
-                           specs[base][0], *rule)
+                           specs[base][0], *weight_axes(base))
             _set(out, base, _place(w.astype(np.dtype(dtype)), leaf))
         else:
             _set(out, path, leaf)
