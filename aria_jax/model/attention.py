@@ -32,9 +32,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def causal_mask(attention_mask: jax.Array | None, batch: int, q_len: int, kv_len: int, offset: int = 0) -> jax.Array:
-    """(B, 1, Tq, Tk) boolean: causal (query i at absolute position offset+i) and not a padded key."""
-    q_pos = offset + jnp.arange(q_len)
-    causal = q_pos[:, None] >= jnp.arange(kv_len)[None, :]
+    """(B, 1, Tq, Tk) boolean: causal (query i at absolute position offset+i) and not a padded key. ``offset``: a
+    scalar, or one per row (B,) (rows written at their own cache slots: ``cache_write``)."""
+    q_pos = jnp.asarray(offset)[..., None] + jnp.arange(q_len)  # (Tq) or (B, Tq)
+    causal = q_pos[..., None] >= jnp.arange(kv_len)
     mask = jnp.broadcast_to(causal, (batch, q_len, kv_len))
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, :kv_len].astype(bool)

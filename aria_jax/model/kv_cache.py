@@ -33,9 +33,20 @@ def _quantize(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8), scale
 
 
+def _put_rows(x: jax.Array, update: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """``update`` written into ``x`` at slot ``index[b]`` of row ``b`` (``axis`` counted with the batch axis 0)."""
+    return jax.vmap(lambda row, new, i: jax.lax.dynamic_update_slice_in_dim(row, new, i, axis=axis - 1))(
+        x, update, index)
+
+
 def cache_write(cache: LayerCache, k: jax.Array, v: jax.Array, index) -> LayerCache:
-    """Write keys (B, kv, hd, T) and values (B, kv, T, hd) at slot ``index``; int8 caches also store scales."""
+    """Write keys (B, kv, hd, T) and values (B, kv, T, hd) at slot ``index``; int8 caches also store scales.
+
+    ``index``: one slot for every row (a scalar), or one per row (B,): rows that advance independently (the
+    server's slot pool, aria_jax/serve)."""
     put = jax.lax.dynamic_update_slice_in_dim
+    if getattr(index, "ndim", 0) == 1:
+        put = _put_rows
     if cache.k_scale is None:
         return cache.replace(k=put(cache.k, k.astype(cache.k.dtype), index, axis=3),
                              v=put(cache.v, v.astype(cache.v.dtype), index, axis=2))
