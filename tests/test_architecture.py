@@ -18,12 +18,15 @@ LAYERS = (
     ("aria_jax.checkpoint",),
     ("aria_jax.inference",),
     ("aria_jax.training",),
+    ("aria_jax.serve",),
     ("aria_jax.cli",),
 )
 # may be imported inside functions: not needed to run Aria; tensorboardX only when a run writes TensorBoard events
 # (it imports torch whenever torch is installed); wandb is not a dependency at all; PyAV only when a video is read and
-# qwix only for the ragged kernel on quantized weights (a machine without them runs everything else)
-OPTIONAL = ("torch", "transformers", "huggingface_hub", "tensorboardX", "wandb", "av", "qwix")
+# qwix only for the ragged kernel on quantized weights; fastapi / starlette / uvicorn only for `aria-jax serve` (a
+# machine without them runs everything else)
+OPTIONAL = ("torch", "transformers", "huggingface_hub", "tensorboardX", "wandb", "av", "qwix", "fastapi", "starlette",
+            "uvicorn")
 FACE = "aria_jax"  # aria_jax/__init__.py re-exports Aria, AriaConfig, AriaProcessor: above every layer
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from aria_jax import compile_cache
-from aria_jax.cli import checkpoints, demo, plan
+from aria_jax.cli import checkpoints, demo, plan, serve
 from aria_jax.cli import generate as cli_generate
 from aria_jax.cli.verify import VerifyError
 from aria_jax.errors import one_line, os_error_line
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_generate.add_parsers(sub)
     demo.add_parser(sub)
     plan.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

@@ -11,6 +11,10 @@ the attention is causal (query i sees keys j <= i; then T == S). The implementat
 - ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``: float32 scores for every input dtype (more exact
   than transformers' bfloat16 ones), the masks added as ``einsum`` adds them (so float32 values and gradients match
   it everywhere).
+- ``flash``: blocks of queries and keys with an online softmax and a backward that recomputes each block
+  (aria_jax.kernels.flash_attention): never holds the (B, N, T, S) scores, skips blocks above the causal diagonal;
+  values and gradients equal ``einsum``'s for every query that reads a valid key (a query that reads none gets the
+  same value, the mean of v, but passes no gradient to q and k). The CPU choice.
 - ``cudnn``: cuDNN's fused flash attention through ``jax.nn.dot_product_attention(implementation="cudnn")``; named,
   because ``implementation=None`` still runs the XLA one (jax 0.10/0.11). cuDNN masks only by sequence lengths (no
   bias tensor, the fast path): the valid keys are moved to the front of each row in their order (a stable sort, so
@@ -18,7 +22,7 @@ the attention is causal (query i sees keys j <= i; then T == S). The implementat
   them and their outputs move back. Queries and keys of float32 or head dims cuDNN does not take (not a multiple
   of 8, over 128) run the ``xla`` implementation.
 
-All three give the same result for every valid query, and for every query of non-causal attention. A causal padded
+All four give the same result for every valid query, and for every query of non-causal attention. A causal padded
 query differs in ``cudnn`` only: it reads all of its row's valid keys there, which is the masked result when they
 all precede it (right padding: training batches, whose padded positions reach the router losses), and otherwise not
 (left padding: ``einsum`` and ``xla`` give a query that sees no valid key a uniform distribution over all keys, as
@@ -30,6 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aria_jax.kernels.flash_attention import flash_attention
 from aria_jax.runtime import ATTENTION_KERNELS
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -76,6 +81,8 @@ def attention(
     scale = hd**-0.5 if scale is None else scale
     if implementation == "cudnn" and cudnn_fits(q):
         return _by_lengths(q, k, v, key_valid, causal, scale, "cudnn")
+    if implementation == "flash":
+        return flash_attention(q, k, v, key_valid, causal=causal, scale=scale)
     chunk = t if query_chunk is None else max(1, min(query_chunk, t))
     if implementation == "einsum":
         return _einsum(q, k, v, key_valid, causal, scale, chunk)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 
 from aria_jax.config import AriaTextConfig
 from aria_jax.kernels.attention import attention, masked_softmax
+from aria_jax.kernels.flash_attention import flash_attention
 from aria_jax.kernels.matmul import project
-from aria_jax.model.kv_cache import LayerCache, cache_read, cache_write
+from aria_jax.model.kv_cache import LayerCache, cache_read, cache_round, cache_write
 from aria_jax.model.layers import lora_delta, weight
 from aria_jax.quant import Holding
 
@@ -66,12 +67,17 @@ class Attention(nn.Module):
         q = apply_rope(project(x, wq, split=split) + lora_delta(self, "q_kernel", x, 1), cos, sin)
         k = apply_rope(project(x, wk, split=split) + lora_delta(self, "k_kernel", x, 1), cos, sin)
         v = project(x, wv, split=split) + lora_delta(self, "v_kernel", x, 1)
-        if cache is not None and _prefill_from_start(cache, index, self.attention):
-            # its queries read only its own keys (the cache's later slots are later than every query): the kernel
-            # runs over them, rounded to the cache's dtype as the cached path reads them
-            cache = cache_write(cache, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), 0)
-            k, v = k.astype(cache.k.dtype).astype(q.dtype), v.astype(cache.v.dtype).astype(q.dtype)
-            out = _attend(q, k, v, mask[..., : x.shape[1]], self.attention)
+        if cache is not None and isinstance(index, int) and index == 0:
+            # a prefill written from slot 0 (``index`` the Python int 0, known when tracing): its queries read only
+            # its own keys (the cache's later slots are later than every query), rounded to the cache's storage as
+            # the cached path reads them, through the attention kernel
+            k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
+            k_seen, v_seen = cache_round(cache, k_new, v_new, q.dtype)
+            cache = cache_write(cache, k_new, v_new, 0)
+            out = _attend(q, k_seen.transpose(0, 2, 1, 3), v_seen.transpose(0, 3, 1, 2), mask[..., : x.shape[1]],
+                          self.attention)
+        elif cache is not None and self.attention == "flash" and x.shape[1] > 1 and jnp.ndim(index) == 0:
+            out, cache = _attend_chunk(q, k, v, mask, cache, index)
         elif cache is not None:
             out, cache = _attend_cached(q, k, v, mask, cache, index)
         else:
@@ -79,23 +85,54 @@ class Attention(nn.Module):
         return project(out, wo, 2, split=split) + lora_delta(self, "o_kernel", out, 2), cache
 
 
-def _prefill_from_start(cache: LayerCache, index, implementation: str) -> bool:
-    """A prefill written from slot 0 (``index`` the Python int 0, known when tracing) into a float cache, with a
-    kernel other than ``einsum`` (which keeps the cached form below, tuned on CPU)."""
-    return implementation != "einsum" and cache.k_scale is None and isinstance(index, int) and index == 0
-
-
 def _attend_cached(q, k, v, mask, cache, index):
-    """Attention over the KV cache after writing ``k``, ``v`` at ``index``."""
-    cache = cache_write(cache, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), index)  # the cache's layouts
-    k, v = cache_read(cache, q.dtype)
+    """Attention over the KV cache and the new keys ``k``, ``v`` (B, T, K, H) at slots ``index`` .. ``index + T``;
+    returns the output and the cache with them written.
+
+    The scores are computed over the cache as it was (its slots before ``index``) and over the new keys, each in its
+    own matmul: the written cache is then only the step's output, so XLA writes it in place. Reading the written
+    cache instead made XLA:CPU fuse the write into both of its users, with two private copies of every layer's
+    cache per step (most of a long-context decode step). The new keys and values are rounded to the cache's
+    storage (dtype, int8) first, so a later step reads exactly what this one used."""
     b, t, nh, hd = q.shape
-    nkv = k.shape[1]
+    nkv = k.shape[2]
+    k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # the cache's layouts: (B,K,T,H), (B,K,H,T)
+    old_k, old_v = cache_read(cache, q.dtype)
+    k_seen, v_seen = cache_round(cache, k_new, v_new, q.dtype)
+    slots = mask.shape[-1]
+    index = jnp.asarray(index)
+    rows = index.reshape(-1, 1, 1, 1)  # (1 or B, 1, 1, 1)
+    old_mask = mask & (jnp.arange(slots) < rows)  # slots written before this call
+    if index.ndim:
+        new_mask = jax.vmap(lambda m, i: jax.lax.dynamic_slice_in_dim(m, i, t, axis=2))(mask, index)
+    else:
+        new_mask = jax.lax.dynamic_slice_in_dim(mask, index, t, axis=3)
     # Query head n uses kv head n // (nh / nkv), as transformers' repeat_kv.
     q = q.reshape(b, t, nkv, nh // nkv, hd)
-    scores = jnp.einsum("btkgh,bkhs->bkgts", q, k) * (hd**-0.5)
-    probs = masked_softmax(scores, mask[:, :, None], q.dtype)
-    return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, nh, hd), cache
+    scale = hd**-0.5
+    scores = jnp.concatenate([jnp.einsum("btkgh,bksh->bkgts", q, old_k) * scale,
+                              jnp.einsum("btkgh,bkuh->bkgtu", q, k_seen) * scale], axis=-1)
+    probs = masked_softmax(scores, jnp.concatenate([old_mask, new_mask], axis=-1)[:, :, None], q.dtype)
+    out = (jnp.einsum("bkgts,bkhs->btkgh", probs[..., :slots], old_v)
+           + jnp.einsum("bkgtu,bkhu->btkgh", probs[..., slots:], v_seen))
+    # The write must follow every read of the old cache for XLA to do it in place; with no data dependency between
+    # them XLA:CPU copies the cache (twice) instead. An optimization barrier does not order them (it is gone before
+    # copy insertion); a dependency on the output does: + 0 * one output value (finite: the probabilities' convex
+    # combination of cached values), which XLA keeps (it does not fold x * 0 for floats).
+    after = (out.reshape(-1)[0] * 0).astype(k_new.dtype)
+    return out.reshape(b, t, nh, hd), cache_write(cache, k_new + after, v_new + after, index)
+
+
+def _attend_chunk(q, k, v, mask, cache, index):
+    """A prefill chunk (T > 1 queries at slot ``index``, traced) over the KV cache with the blockwise kernel: the
+    chunk's keys are written first, then its queries read the cache's key blocks up to ``index + T`` only (causal),
+    so each chunk costs its share of the causal work, not the whole cache's. One program for every offset."""
+    t = q.shape[1]
+    cache = cache_write(cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1), index)
+    keys, values = cache_read(cache, q.dtype)  # (B, K, S, H), (B, K, H, S)
+    out = flash_attention(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 3, 1, 2), mask[:, 0, -1, :],
+                          causal=True, q_offset=index, kv_len=index + t)
+    return out, cache
 
 
 def _attend(q, k, v, mask, implementation: str = "einsum"):

@@ -11,10 +11,12 @@ from aria_jax.config import AriaTextConfig
 
 @flax.struct.dataclass
 class LayerCache:
-    """Keys (..., B, kv_heads, head_dim, S) and values (..., B, kv_heads, S, head_dim): the layouts the two attention
-    matmuls read, so a decode step appends one column / row and never transposes the cache. The leading ``...`` is
-    the layer axis of a stacked cache (scanned layers) and absent in a per-layer one. int8 caches carry float32
-    scales per (row, kv head, position): ``k_scale`` (..., 1, S), ``v_scale`` (..., S, 1)."""
+    """Keys (..., B, kv_heads, S, head_dim) and values (..., B, kv_heads, head_dim, S): a decode step's two
+    matrix-vector products (scores = keys . query, output = values . probabilities) then contract each cache's minor
+    axis, the layout XLA:CPU's matrix-vector kernel reads in place (the other way round it copied both caches,
+    transposed, every step: most of a long-context decode step). The leading ``...`` is the layer axis of a stacked
+    cache (scanned layers) and absent in a per-layer one. int8 caches carry float32 scales per (row, kv head,
+    position): ``k_scale`` (..., S, 1), ``v_scale`` (..., 1, S)."""
 
     k: jax.Array
     v: jax.Array
@@ -40,7 +42,7 @@ def _put_rows(x: jax.Array, update: jax.Array, index: jax.Array, axis: int) -> j
 
 
 def cache_write(cache: LayerCache, k: jax.Array, v: jax.Array, index) -> LayerCache:
-    """Write keys (B, kv, hd, T) and values (B, kv, T, hd) at slot ``index``; int8 caches also store scales.
+    """Write keys (B, kv, T, hd) and values (B, kv, hd, T) at slot ``index``; int8 caches also store scales.
 
     ``index``: one slot for every row (a scalar), or one per row (B,): rows that advance independently (the
     server's slot pool, aria_jax/serve)."""
@@ -48,11 +50,11 @@ def cache_write(cache: LayerCache, k: jax.Array, v: jax.Array, index) -> LayerCa
     if getattr(index, "ndim", 0) == 1:
         put = _put_rows
     if cache.k_scale is None:
-        return cache.replace(k=put(cache.k, k.astype(cache.k.dtype), index, axis=3),
-                             v=put(cache.v, v.astype(cache.v.dtype), index, axis=2))
-    (qk, sk), (qv, sv) = _quantize(k, axis=2), _quantize(v, axis=3)
-    return LayerCache(put(cache.k, qk, index, axis=3), put(cache.v, qv, index, axis=2),
-                      put(cache.k_scale, sk, index, axis=3), put(cache.v_scale, sv, index, axis=2))
+        return cache.replace(k=put(cache.k, k.astype(cache.k.dtype), index, axis=2),
+                             v=put(cache.v, v.astype(cache.v.dtype), index, axis=3))
+    (qk, sk), (qv, sv) = _quantize(k, axis=3), _quantize(v, axis=2)
+    return LayerCache(put(cache.k, qk, index, axis=2), put(cache.v, qv, index, axis=3),
+                      put(cache.k_scale, sk, index, axis=2), put(cache.v_scale, sv, index, axis=3))
 
 
 def cache_read(cache: LayerCache, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -62,9 +64,17 @@ def cache_read(cache: LayerCache, dtype: jnp.dtype) -> tuple[jax.Array, jax.Arra
             (cache.v.astype(jnp.float32) * cache.v_scale).astype(dtype))
 
 
+def cache_round(cache: LayerCache, k: jax.Array, v: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """Keys (B, kv, T, hd) and values (B, kv, hd, T) as ``cache_read`` will give them back once written."""
+    if cache.k_scale is None:
+        return k.astype(cache.k.dtype).astype(dtype), v.astype(cache.v.dtype).astype(dtype)
+    (qk, sk), (qv, sv) = _quantize(k, axis=3), _quantize(v, axis=2)
+    return (qk.astype(jnp.float32) * sk).astype(dtype), (qv.astype(jnp.float32) * sv).astype(dtype)
+
+
 def cache_length(cache: KVCache) -> int:
     """The number of slots (S)."""
-    return (cache[0] if isinstance(cache, tuple) else cache).k.shape[-1]
+    return (cache[0] if isinstance(cache, tuple) else cache).v.shape[-1]
 
 
 def init_cache(
@@ -78,10 +88,10 @@ def init_cache(
     dequantized.
     """
     kv, hd, n = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
-    shapes = {"k": (batch, kv, hd, length), "v": (batch, kv, length, hd)}
+    shapes = {"k": (batch, kv, length, hd), "v": (batch, kv, hd, length)}
     dtypes = {"k": dtype, "v": dtype}
     if kv_int8:
-        shapes.update(k_scale=(batch, kv, 1, length), v_scale=(batch, kv, length, 1))
+        shapes.update(k_scale=(batch, kv, length, 1), v_scale=(batch, kv, 1, length))
         dtypes = {"k": jnp.int8, "v": jnp.int8, "k_scale": jnp.float32, "v_scale": jnp.float32}
     if per_layer:
         return tuple(LayerCache(**{k: jnp.zeros(s, dtypes[k]) for k, s in shapes.items()}) for _ in range(n))

@@ -168,9 +168,9 @@ def test_cudnn_takes_half_precision_and_its_head_dims_only():
 
 def test_bad_arguments_say_what_is_wrong():
     q, k, v = qkv(1, 4, 6, 4, 3, 8, seed=8)
-    assert ATTENTION_KERNELS == ("einsum", "xla", "cudnn")
-    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
-        kernel.attention(q, k[:, :, :2], v[:, :, :2], implementation="flash")
+    assert ATTENTION_KERNELS == ("einsum", "flash", "xla", "cudnn")
+    with pytest.raises(ValueError, match="unknown attention kernel 'splash'"):
+        kernel.attention(q, k[:, :, :2], v[:, :, :2], implementation="splash")
     with pytest.raises(ValueError, match="4 query heads cannot share 3 key/value heads"):
         kernel.attention(q, k, v)
     with pytest.raises(ValueError, match="causal attention needs as many queries as keys, got 4 and 6"):

@@ -11,7 +11,7 @@ from conftest import rel_err
 
 from aria_jax import Aria, AriaConfig
 from aria_jax.model.attention import Attention, causal_mask, rope_tables
-from aria_jax.model.kv_cache import LayerCache
+from aria_jax.model.kv_cache import init_cache
 from aria_jax.model.projector import Projector
 from aria_jax.model.vision import VisionTower
 from aria_jax.runtime import Runtime
@@ -63,9 +63,11 @@ def test_text_attention_causal_left_padded(kv_heads):
                           lambda out: jnp.sum(out[0] * weight))
 
 
-def test_prefill_from_slot_zero_runs_the_kernel_over_its_own_keys():
+@pytest.mark.parametrize("impl", ["einsum", "flash", "xla"])
+@pytest.mark.parametrize("kv_int8", [False, True])
+def test_prefill_from_slot_zero_runs_the_kernel_over_its_own_keys(impl, kv_int8):
     """Given a KV cache and ``index`` the Python int 0 (a prompt written from the start), the kernel attends the
-    prompt's own keys: the same output and cache as the cached einsum form over every slot."""
+    prompt's own keys: the same output and cache as the cached form over every slot (``index`` traced)."""
     cfg = TINY.text
     b, t, slots = 2, 7, 12
     x = jax.random.normal(jax.random.key(10), (b, t, cfg.hidden_size))
@@ -74,18 +76,18 @@ def test_prefill_from_slot_zero_runs_the_kernel_over_its_own_keys():
     positions = np.maximum(np.cumsum(valid[:, :t], axis=1) - 1, 0)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, jnp.float32)
     mask = causal_mask(jnp.asarray(valid), b, t, slots)
-    cache = LayerCache(jnp.zeros((b, cfg.num_key_value_heads, cfg.head_dim, slots)),
-                       jnp.zeros((b, cfg.num_key_value_heads, slots, cfg.head_dim)))
+    cache = jax.tree.map(lambda c: c[0], init_cache(cfg, b, slots, jnp.float32, kv_int8=kv_int8))
     params = jax.jit(Attention(cfg).init)(jax.random.key(11), x, cos, sin, mask, cache, 0)["params"]
-    outs = {impl: Attention(cfg, attention=impl).apply({"params": params}, x, cos, sin, mask, cache, 0)
-            for impl in ("einsum", "xla")}
-    (out_x, cache_x), (out_e, cache_e) = outs["xla"], outs["einsum"]
+    module = Attention(cfg, attention=impl)
+    out_s, cache_s = module.apply({"params": params}, x, cos, sin, mask, cache, 0)
+    out_c, cache_c = jax.jit(module.apply)({"params": params}, x, cos, sin, mask, cache, jnp.int32(0))
     rows = valid[:, :t].astype(bool)  # the left-pad queries: no valid key in reach, garbage in both forms
-    assert rel_err(np.asarray(out_x)[rows], np.asarray(out_e)[rows]) <= 1e-5
-    # and the kernel did run: a left-pad query averages the prompt's 7 keys there, all 12 slots in the cached form
-    assert rel_err(np.asarray(out_x)[~rows], np.asarray(out_e)[~rows]) > 1e-3
-    np.testing.assert_array_equal(cache_x.k, cache_e.k)
-    np.testing.assert_array_equal(cache_x.v, cache_e.v)
+    assert rel_err(np.asarray(out_s)[rows], np.asarray(out_c)[rows]) <= 1e-5
+    # and the kernel did run over the prompt alone: a left-pad query averages its 7 keys there, all 12 slots in
+    # the cached form
+    assert rel_err(np.asarray(out_s)[~rows], np.asarray(out_c)[~rows]) > 1e-3
+    for a, c in zip(jax.tree.leaves(cache_s), jax.tree.leaves(cache_c), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=1e-6)
 
 
 def test_vision_tower_with_a_pixel_mask():

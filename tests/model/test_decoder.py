@@ -138,7 +138,7 @@ def test_attention_without_cache_equals_attention_over_a_cache():
     b, t, nh, nkv, hd = 2, 7, 4, 2, 8
     q, k, v = (jax.numpy.asarray(rng.standard_normal((b, t, n, hd)), jax.numpy.float32) for n in (nh, nkv, nkv))
     mask = causal_mask(jax.numpy.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * t]), b, t, t)
-    cache = LayerCache(jax.numpy.zeros((b, nkv, hd, t)), jax.numpy.zeros((b, nkv, t, hd)))
+    cache = LayerCache(jax.numpy.zeros((b, nkv, t, hd)), jax.numpy.zeros((b, nkv, hd, t)))
     cached, _ = _attend_cached(q, k, v, mask, cache, 0)
     out = np.asarray(_attend(q, k, v, mask))
     assert out.shape == (b, t, nh, hd)

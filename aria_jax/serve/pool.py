@@ -1,0 +1,141 @@
+"""The slot pool's compiled programs: ``rows`` KV-cache rows of ``slots`` slots each, every row at its own slot.
+
+Two kinds of program, and no others:
+
+- ``admit``: one prompt prefilled alone (a one-row cache of the pool's length, left-padded to ``bucket(t)`` with
+  positions from the mask as ``inference.generation.Decoder`` prefills, image features computed here once, prompts
+  over the prefill chunk in chunks over the cache), its first token chosen, and the row copied into the pool at a
+  given row (the batch axis, -4 of every cache leaf). One compilation per prompt bucket (and image batch shape).
+- ``step``: every row advances one token at its own slot (``index`` one per row: ``model.kv_cache.cache_write``),
+  each with its own temperature / top-p / seed (``serve.sampling``). Compiled once. Idle rows rewrite their current
+  slot and stay put.
+
+``traces`` counts the traces of each (a trace is a compilation): tests hold it after warm-up.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from aria_jax.inference.generation import PREFILL_CHUNK, prefill_chunk_tokens
+from aria_jax.model.aria import AriaModel
+from aria_jax.model.kv_cache import KVCache, init_cache
+from aria_jax.serve.sampling import select_rows
+
+
+@flax.struct.dataclass
+class PoolState:
+    """Every row's decode state (donated to each program)."""
+
+    cache: KVCache  # (..., rows, kv, *, slots)
+    mask: jax.Array  # (rows, slots) int32: which slots of a row hold a token
+    position: jax.Array  # (rows,) the last token's position
+    index: jax.Array  # (rows,) the row's next slot
+    token: jax.Array  # (rows,) the row's last token
+
+
+@flax.struct.dataclass
+class RowSampling:
+    """One row's sampling: temperature (0: greedy), top_p, and its ``jax.random.key(seed)`` data (2,) uint32."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    key: jax.Array
+
+
+class SlotPool:
+    """The compiled programs over one model's params and the pool state they advance (see the module docstring)."""
+
+    def __init__(self, module: AriaModel, params, rows: int, slots: int, kv_int8: bool = False,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        self.module, self.params, self.rows, self.slots = module, params, rows, slots
+        self.kv_int8, self.prefill_chunk = kv_int8, prefill_chunk
+        self.traces: collections.Counter = collections.Counter()
+        options = dict(module.runtime.decode_options)
+        self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1,), compiler_options=options)
+        self.state = self.empty()
+
+    def empty(self) -> PoolState:
+        m = self.module
+        cache = init_cache(m.config.text, self.rows, self.slots, m.dtype, m.layout != "stacked", self.kv_int8)
+        zeros = lambda: jnp.zeros((self.rows,), jnp.int32)  # one buffer each: all are donated
+        return PoolState(cache, jnp.zeros((self.rows, self.slots), jnp.int32), zeros(), zeros(), zeros())
+
+    def lost(self) -> bool:
+        """Whether a failed program took the donated state with it (then every row must start again)."""
+        return any(x.is_deleted() for x in jax.tree.leaves(self.state))
+
+    # -- programs ------------------------------------------------------------------------------------------
+    def _prefill(self, params, ids, attention_mask, pixel_values, pixel_mask):
+        """One row's cache (of the pool's slots) and last logits (1, V), as ``Decoder`` prefills."""
+        m = self.module
+        b, p = ids.shape
+        positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        cache = init_cache(m.config.text, b, self.slots, m.dtype, m.layout != "stacked", self.kv_int8)
+        mask = jnp.zeros((b, self.slots), jnp.int32).at[:, :p].set(attention_mask)
+        most = prefill_chunk_tokens(b, m.config.text.num_attention_heads, self.slots, self.prefill_chunk)
+        if p <= most:
+            out = m.apply({"params": params}, ids, mask, pixel_values, pixel_mask, positions=positions,
+                          cache=cache, index=0, last_only=True)
+            return out.cache, out.logits[:, 0], mask, positions[:, -1]
+        count = -(-p // most)
+        chunk = -(-p // count)
+        embeds = m.apply({"params": params}, ids, pixel_values, pixel_mask, method="embed")
+
+        def decode(start, cache, last_only: bool):
+            piece = jax.lax.dynamic_slice_in_dim(embeds, start, chunk, axis=1)
+            where = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
+            return m.apply({"params": params}, piece, where, mask, cache, start, last_only, last_only,
+                           method=lambda module, *args: module.language_model(*args))
+
+        cache = jax.lax.fori_loop(0, count - 1, lambda i, cache: decode(i * chunk, cache, False)[3], cache)
+        _, logits, _, cache = decode(p - chunk, cache, True)
+        return cache, logits[:, 0], mask, positions[:, -1]
+
+    def _admit_impl(self, params, state: PoolState, row, ids, attention_mask, pixel_values, pixel_mask,
+                    sampling: RowSampling):
+        self.traces["admit"] += 1
+        cache, logits, mask, position = self._prefill(params, ids, attention_mask, pixel_values, pixel_mask)
+        token = select_rows(logits, sampling.key[None], jnp.zeros((1,), jnp.int32), sampling.temperature[None],
+                            sampling.top_p[None])
+        put = jax.lax.dynamic_update_slice_in_dim
+        state = PoolState(
+            cache=jax.tree.map(lambda pool, one: put(pool, one.astype(pool.dtype), row, axis=pool.ndim - 4),
+                               state.cache, cache),
+            mask=put(state.mask, mask, row, axis=0),
+            position=put(state.position, position.astype(jnp.int32), row, axis=0),
+            index=put(state.index, jnp.full((1,), ids.shape[1], jnp.int32), row, axis=0),
+            token=put(state.token, token, row, axis=0),
+        )
+        return state, token[0]
+
+    def _step_impl(self, params, state: PoolState, active, steps, sampling: RowSampling):
+        self.traces["step"] += 1
+        mask = jax.vmap(lambda row, i: row.at[i].set(1))(state.mask, state.index)
+        position = state.position + 1
+        out = self.module.apply({"params": params}, state.token[:, None], mask, positions=position[:, None],
+                                cache=state.cache, index=state.index, last_only=True)
+        token = select_rows(out.logits[:, 0], sampling.key, steps, sampling.temperature, sampling.top_p)
+        state = PoolState(
+            cache=out.cache, mask=mask, position=jnp.where(active, position, state.position),
+            index=jnp.where(active, state.index + 1, state.index), token=jnp.where(active, token, state.token),
+        )
+        return state, token
+
+    # -- host side -----------------------------------------------------------------------------------------
+    def admit(self, row: int, ids, attention_mask, pixel_values, pixel_mask, sampling: RowSampling) -> int:
+        """Prefill one prompt ((1, P) left-padded ids and mask, P a bucket) into ``row``; returns its first token."""
+        self.state, token = self._admit(self.params, self.state, jnp.int32(row), ids, attention_mask, pixel_values,
+                                        pixel_mask, sampling)
+        return int(token)
+
+    def step(self, active, steps, sampling: RowSampling):
+        """One token for every row ((rows,) numpy ``active`` / ``steps``, per-row ``sampling``); returns (rows,)
+        tokens as numpy (those of idle rows mean nothing)."""
+        self.state, tokens = self._step(self.params, self.state, jnp.asarray(active), jnp.asarray(steps), sampling)
+        return jax.device_get(tokens)
