@@ -218,12 +218,22 @@ def _experts_blocked_lora(
     return _combine(jnp.take(out, dest, axis=0), order, weights)
 
 
-def split_block(rows: int, num_experts: int) -> int:
-    """Rows per matmul in ``experts_split``: 1 (a loop of matvecs, the fastest kernel on CPU for a few rows) up to
-    four rows per expert on average, else the power of two that holds them (at most 256). One block size: each
-    size is a loop per expert to compile (grouped_mlp's four sizes tripled the first prefill's compile time)."""
+# An expert whose weights pass this many bytes runs a few rows (2-4) as one matmul rather than a loop of matvecs: a
+# matvec loop re-reads the expert once per row, which costs nothing while the expert stays in the CPU's cache and ~8%
+# of a batch-8 decode step when it does not (measured on the shape sweep, bench/README: 16 experts of 768 x 1024,
+# 9.4 MB, gain; 1.2-3.9 MB experts lose 5-20% the other way).
+MATVEC_LOOP_MAX_BYTES = 6 << 20
+
+
+def split_block(rows: int, num_experts: int, expert_bytes: int = 0) -> int:
+    """Rows per matmul in ``experts_split``: 1 (a loop of matvecs, the fastest kernel on CPU for a few rows of a
+    small expert) up to four rows per expert on average, else the power of two that holds them (at most 256); 4 for
+    up to four rows of an expert of more than MATVEC_LOOP_MAX_BYTES. One block size: each size is a loop per expert
+    to compile (grouped_mlp's four sizes tripled the first prefill's compile time)."""
     per_expert = -(-rows // num_experts)
-    return 1 if per_expert <= 4 else int(min(256, 1 << (per_expert - 1).bit_length()))
+    if per_expert <= 4:
+        return 4 if expert_bytes > MATVEC_LOOP_MAX_BYTES and rows > num_experts else 1
+    return int(min(256, 1 << (per_expert - 1).bit_length()))
 
 
 def experts_split(
@@ -235,7 +245,8 @@ def experts_split(
     its own rows in blocks of ``split_block`` rows (``grouped_mlp.grouped_mlp_split``)."""
     t, k = ids.shape
     d = x.shape[-1]
-    chunks = (split_block(t * k, len(gate_up)),)
+    expert_bytes = (gate_up[0].size + down[0].size) * jnp.dtype(gate_up[0].dtype).itemsize
+    chunks = (split_block(t * k, len(gate_up), expert_bytes),)
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sizes = jnp.bincount(flat, length=len(gate_up)).astype(jnp.int32)

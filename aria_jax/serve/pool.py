@@ -78,7 +78,8 @@ class SlotPool:
         positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 0)
         cache = init_cache(m.config.text, b, self.slots, m.dtype, m.layout != "stacked", self.kv_int8)
         mask = jnp.zeros((b, self.slots), jnp.int32).at[:, :p].set(attention_mask)
-        most = prefill_chunk_tokens(b, m.config.text.num_attention_heads, self.slots, self.prefill_chunk)
+        most = prefill_chunk_tokens(b, m.config.text.num_attention_heads, self.slots, self.prefill_chunk,
+                                    m.runtime.attention == "flash")
         if p <= most:
             out = m.apply({"params": params}, ids, mask, pixel_values, pixel_mask, positions=positions,
                           cache=cache, index=0, last_only=True)

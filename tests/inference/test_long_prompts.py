@@ -56,22 +56,22 @@ def test_token_budgets_share_one_compilation(aria_model):
 
 
 def test_growing_prompt_reuses_the_chunk_and_decode_programs(aria_model):
-    """A chat whose prompt grows turn by turn: chunked prompts of 3, 4 and 5 chunks share one cache length, so
-    only the first compiles; a prompt past the doubling compiles the chunk, start and decode programs again."""
+    """A chat whose prompt grows turn by turn: chunked prompts of 7, 8 and 8 chunks share one cache length, so only
+    the first compiles; a prompt past the cache's bucket compiles the chunk, start and decode programs again."""
     model = aria_model("gqa")
     vocab = CONFIGS["gqa"]["text_config"]["vocab_size"]
     decoder = Decoder(model.module, prefill_chunk=16)
     rng = np.random.default_rng(33)
     turns = rng.integers(10, vocab, (1, 200))
     compiled, chunks = [], []
-    for length in (40, 60, 75, 140):
+    for length in (100, 120, 125, 140):
         ids = turns[:, :length]
         out, stats = decoder.run(model.params, ids, np.ones_like(ids), None, None, SamplingConfig(),
                                  StopRule(eos_ids=(), pad_id=0, max_new=6))
         compiled.append(stats.compiles)
         chunks.append(stats.prefill_chunks)
-    assert chunks == [3, 4, 5, 9]
-    assert cache_slots(48, 6, chunked=True) == cache_slots(80, 6, chunked=True) == 128
+    assert chunks == [7, 8, 8, 9]
+    assert cache_slots(112, 6) == cache_slots(128, 6) == 160 < cache_slots(144, 6)
     assert compiled[0] >= 3 and compiled[1:3] == [0, 0] and 1 <= compiled[3] <= compiled[0]
 
 

@@ -156,6 +156,7 @@ def test_prefill_chunk_bounds_the_score_block():
     assert MIN_PREFILL_CHUNK <= chunk < PREFILL_CHUNK and 8 * chunk * 6144 * 4 <= PREFILL_SCORE_BYTES
     assert prefill_chunk_tokens(64, 64, 1 << 20) == MIN_PREFILL_CHUNK
     assert prefill_chunk_tokens(1, 8, 2048, limit=16) == 16
+    assert prefill_chunk_tokens(1, 8, 1 << 20, blockwise=True) == PREFILL_CHUNK  # no score array to bound
 
 
 def test_chunked_prefill_equals_one_block(aria_model):

@@ -94,6 +94,20 @@ def test_split_blocks_cover_every_row():
         assert rel_err(experts_split(x, weights, ids, list(gate_up), list(down)), ref) <= 1e-5, t
         blocks.add(split_block(t * k, e))
     assert {1, 8, 32, 256} <= blocks, blocks  # 256: the cap
+    # a big expert: a few rows as one matmul of 4 (not one matvec per row), unless every expert has at most one row
+    big = 8 << 20
+    assert split_block(32, 16, big) == 4 and split_block(32, 16) == 1 and split_block(8, 16, big) == 1
+    x = rng.standard_normal((9, d)).astype(np.float32)
+    ids = np.stack([rng.permutation(e - 2)[:k] for _ in range(9)])
+    weights = rng.uniform(size=(9, k)).astype(np.float32)
+    import aria_jax.kernels.experts as experts_module
+
+    limit, experts_module.MATVEC_LOOP_MAX_BYTES = experts_module.MATVEC_LOOP_MAX_BYTES, 0  # these tiny experts too
+    try:
+        out = experts_split(x, weights, ids, list(gate_up), list(down))
+    finally:
+        experts_module.MATVEC_LOOP_MAX_BYTES = limit
+    assert rel_err(out, EXPERT_BACKENDS["dense"](x, weights, ids, gate_up, down)) <= 1e-5
 
 
 def test_unknown_backend_is_rejected(aria_model):
