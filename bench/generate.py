@@ -2,6 +2,7 @@
 
     python bench/generate.py [--new-tokens 32] [--prompt 64] [--repeats 5] [--rounds 2] [--layout auto]
                              [--quantize int8,int4]
+    python bench/generate.py --prompt 1024,4096,16384      # long prompts: bench/long_prompts.py
 
 Same random mid-size Aria for both (bench/common.py), float32, CPU. transformers runs eager attention and its
 default (grouped_mm) experts; its decode rate is (time of N+1 new tokens - time of 1) / N, so the prefill is
@@ -158,7 +159,8 @@ def child(side: str, directory: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prompt", type=int, default=64, help="text prompt length")
+    parser.add_argument("--prompt", default="64",
+                        help="text prompt length; several (1024,4096,16384): bench/long_prompts.py")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2,
                         help="child processes per side, alternated; each metric keeps each side's best process")
@@ -170,6 +172,16 @@ def main() -> None:
     parser.add_argument("--side", choices=("hf", "jax"), help=argparse.SUPPRESS)  # the child processes
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if "," in args.prompt:  # long prompts: prefill, decode at that context, memory, compilations
+        import long_prompts
+
+        sys.argv = [long_prompts.__file__, "--prompt", args.prompt, "--new-tokens", str(args.new_tokens)]
+        long_prompts.main()
+        return
+    try:
+        args.prompt = int(args.prompt)
+    except ValueError:
+        sys.exit(f"--prompt: expected a token count or a comma-separated list of them, got '{args.prompt}'")
     n = args.new_tokens
     if args.side:
         run = run_hf(args.dir, n, args.prompt, args.repeats) if args.side == "hf" else run_jax(
