@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
+pytest_plugins = ["serve_fixtures"]  # the server's fixtures (tests/serve_fixtures.py: why not tests/serve/conftest.py)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # No test writes to the user's compilation cache (aria_jax/compile_cache.py): the CLI runs of the suite, in process or
 # in subprocesses, run without it; tests/cli/test_compile_cache.py gives its runs a cache of their own.

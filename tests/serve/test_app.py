@@ -10,7 +10,7 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import running_server, started_engine, wait_for
+from serve_fixtures import running_server, started_engine, wait_for
 
 from aria_jax.cli.demo import demo_image
 from aria_jax.serve.app import ServerConfig, create_app

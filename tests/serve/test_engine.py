@@ -5,7 +5,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import started_engine, wait_for
+from serve_fixtures import started_engine, wait_for
 
 from aria_jax.inference.generation import bucket
 from aria_jax.serve.engine import Engine, QueueFull, Request

@@ -1,5 +1,10 @@
 """The tiny random Aria with a tokenizer (the offline demo's checkpoint: no torch, no network), an engine over it,
-and a server on 127.0.0.1 in a thread (aria_jax.serve.background)."""
+and a server on 127.0.0.1 in a thread (aria_jax.serve.background).
+
+A pytest plugin of tests/conftest.py (``pytest_plugins``), not a tests/serve/conftest.py: a second module named
+``conftest`` replaces tests/conftest.py in ``sys.modules`` for every module collected after that directory (their
+``from conftest import rel_err`` then fails). The test modules import the helpers (``started_engine``,
+``wait_for``, ``running_server``) from here."""
 
 import contextlib
 import time
