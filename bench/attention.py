@@ -180,12 +180,12 @@ def main(argv=None) -> None:
     if unknown or not impls:
         name = unknown[0] if unknown else args.impl
         _fail(f"--impl: unknown implementation '{name}'; choose from {', '.join(IMPLS)}")
-    if "torch" in impls and importlib.util.find_spec("transformers") is None:
-        print("bench/attention.py: transformers is not installed: no torch column", file=sys.stderr)
-        impls.remove("torch")
     from aria_jax.kernels.flash_attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 
     blocks = _blocks(args.blocks) if args.blocks else [(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)]
+    if "torch" in impls and importlib.util.find_spec("transformers") is None:  # after every check of the arguments
+        print("bench/attention.py: transformers is not installed: no torch column", file=sys.stderr)
+        impls.remove("torch")
     rows = []
     for seq in seqs:
         for kv in kvs:

@@ -245,7 +245,7 @@ def experts_split(
     its own rows in blocks of ``split_block`` rows (``grouped_mlp.grouped_mlp_split``)."""
     t, k = ids.shape
     d = x.shape[-1]
-    expert_bytes = (gate_up[0].size + down[0].size) * jnp.dtype(gate_up[0].dtype).itemsize
+    expert_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((gate_up[0], down[0])))  # QWeight too
     chunks = (split_block(t * k, len(gate_up), expert_bytes),)
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
