@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -50,13 +49,10 @@ def _blocks(text: str) -> list[tuple[int, int]]:
 
 
 def _best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    """Best of ``repeats`` calls after one warm-up, in ms."""
+    from common import timeit
+
+    return 1e3 * timeit(fn, repeats, stat=min)
 
 
 def _jax_fns(impl: str, seq: int, heads: int, kv: int, hd: int, block: tuple[int, int]):
