@@ -2,7 +2,7 @@
 in-process server on 127.0.0.1, next to the same requests sent one after another through ``Aria.chat``.
 
     python bench/serve.py [--model DIR] [--clients 1,4,8,16] [--requests 32] [--max-tokens 32] [--max-batch 8]
-                          [--max-seq-len 256] [--quick]
+                          [--max-seq-len 256] [--decode-steps 1,4] [--quick]
 
 Without ``--model`` it builds the random mid-size Aria (bench/common.py, needs torch) and gives it the demo's tiny
 tokenizer (aria_jax/cli/demo.py): random weights decode mostly to ids the tokenizer does not know, so counts are
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--decode-steps", default="4",
+                        help="the engine's decode steps per host round trip; several (1,4): one server each")
     parser.add_argument("--quick", action="store_true", help="tiny demo model, 1 and 4 clients, 8 requests of 8 tokens")
     args = parser.parse_args()
     if args.quick:
@@ -107,8 +109,14 @@ def main() -> None:
         counts = [int(c) for c in args.clients.split(",") if c]
     except ValueError:
         sys.exit(f"--clients: expected comma-separated integers, got '{args.clients}'")
+    try:
+        step_counts = [int(c) for c in args.decode_steps.split(",") if c]
+    except ValueError:
+        sys.exit(f"--decode-steps: expected comma-separated integers, got '{args.decode_steps}'")
     if not counts or min(counts) < 1 or args.requests < 1 or args.max_tokens < 1:
         sys.exit("--clients, --requests and --max-tokens must be positive")
+    if not step_counts or not all(1 <= k <= 64 for k in step_counts):
+        sys.exit(f"--decode-steps: each must be in 1..64, got '{args.decode_steps}'")
 
     import openai
 
@@ -125,22 +133,31 @@ def main() -> None:
         sequential(model, texts, args.max_tokens)  # and the buckets of the rest
         base = sequential(model, texts, args.max_tokens)
         rows = [row("Aria.chat, one after another", base, None)]
-        engine = Engine(model, args.max_batch, args.max_seq_len, max_queue=max(counts) + len(texts))
-        engine.warm_up()
-        engine.start()
-        try:
-            with serving(create_app(engine, ServerConfig(model_id="bench"))) as url:
-                client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-                concurrent(client, engine, texts, args.max_tokens, max(counts))  # compile every prompt bucket
-                for n in counts:
-                    rows.append(row(f"serve, {n} concurrent", concurrent(client, engine, texts[:max(args.requests, n)],
-                                                                        args.max_tokens, n), base))
-        finally:
-            engine.stop()
+        for k in step_counts:
+            engine = Engine(model, args.max_batch, args.max_seq_len, max_queue=max(counts) + len(texts),
+                            decode_steps=k)
+            engine.warm_up(groups=True)  # as `aria-jax serve` does
+            engine.start()
+            try:
+                with serving(create_app(engine, ServerConfig(model_id="bench"))) as url:
+                    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+                    for n in (1, max(counts)):  # compile every prompt bucket (alone and in groups)
+                        concurrent(client, engine, texts, args.max_tokens, n)
+                    for n in counts:
+                        m = engine.metrics
+                        before = (m.steps, m.step_seconds, m.prefill_seconds)
+                        run = concurrent(client, engine, texts[:max(args.requests, n)], args.max_tokens, n)
+                        rows.append(row(f"serve (--decode-steps {k}), {n} concurrent", run, base))
+                        steps, step_s, prefill_s = (a - b for a, b in zip((m.steps, m.step_seconds,
+                                                                           m.prefill_seconds), before, strict=True))
+                        rows[-1]["in decode / prefill s"] = f"{step_s:.2f} / {prefill_s:.2f}"
+                        rows[-1]["ms per decode step"] = f"{1000 * step_s / max(steps, 1):.1f}"
+            finally:
+                engine.stop()
     print(f"\nmodel {path if args.model else ('tiny demo' if args.quick else 'mid (random)')}; "
           f"{args.max_tokens} new tokens per request; --max-batch {args.max_batch}, --max-seq-len "
           f"{args.max_seq_len}; runtime {model.runtime.describe()}\n")
-    print_table(rows, list(rows[0]))
+    print_table(rows, list(rows[-1]))
     print(f"\nmedian of sequential latencies {statistics.median(base['latencies']):.2f} s")
 
 

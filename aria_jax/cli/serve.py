@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
                    help="slots of a row: prompt (rounded up to its bucket) + new tokens (default: the model's "
                         "context, at most 4096)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row before 429 (64)")
+    p.add_argument("--decode-steps", type=int, default=4, metavar="K",
+                   help="decode steps per host round trip while no request waits for a row (4): fewer round trips, "
+                        "tokens stream K at a time; a new request waits at most K steps")
     p.add_argument("--kv-cache", default="float", choices=["float", "int8"], help="KV-cache storage (float)")
     p.add_argument("--allowed-media-dir", default=None, metavar="DIR",
                    help="image_url may name local files under DIR (default: no local files)")
@@ -55,6 +58,8 @@ def check(args: argparse.Namespace) -> None:
         raise InputError(f"--max-seq-len must be >= 32, got {args.max_seq_len}")
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 1 <= args.decode_steps <= 64:
+        raise InputError(f"--decode-steps must be in 1..64, got {args.decode_steps}")
     if args.max_body_bytes < 1024:
         raise InputError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
     if args.max_new_tokens < 1:
@@ -72,8 +77,8 @@ def check(args: argparse.Namespace) -> None:
 def build(args: argparse.Namespace) -> tuple[Engine, ServerConfig]:
     """The loaded model's engine (warmed up, not started) and the app's settings."""
     model = _load(args)
-    engine = Engine(model, args.max_batch, args.max_seq_len, args.max_queue, args.kv_cache)
-    engine.warm_up()
+    engine = Engine(model, args.max_batch, args.max_seq_len, args.max_queue, args.kv_cache, args.decode_steps)
+    engine.warm_up(groups=True)
     config = ServerConfig(
         model_id=args.model,
         defaults=Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -27,6 +28,14 @@ from aria_jax.serve.pool import RowSampling, SlotPool
 from aria_jax.serve.sequence import Generated
 
 log = logging.getLogger("aria_jax.serve")
+
+
+# Waiting text prompts of at most this many tokens (their bucket) prefill together: a short prompt's prefill reads
+# every weight for few tokens (memory-bound), so n of them cost little more than one; long ones are compute-bound,
+# batching them gains nothing. Batched prompts are padded to a power of two (>= 32) and batches are powers of two,
+# so the programs are few (3 widths x 3 batch sizes at --max-batch 8) and ``warm_up`` compiles them all.
+GROUP_MAX_BUCKET = 128
+GROUP_WIDTHS = (32, 64, 128)
 
 
 class QueueFull(Exception):
@@ -67,7 +76,7 @@ class Engine:
     """The slot pool of ``model`` (``max_batch`` rows x ``max_seq_len`` slots) and the thread that drives it."""
 
     def __init__(self, model: Aria, max_batch: int = 8, max_seq_len: int | None = None, max_queue: int = 64,
-                 kv_cache: str = "float"):
+                 kv_cache: str = "float", decode_steps: int = 4, prefill_batch: int = 8):
         if model.processor is None:
             raise InputError("the model has no tokenizer (tokenizer.json); a server needs one")
         limit = model.config.text.max_position_embeddings
@@ -76,12 +85,18 @@ class Engine:
             raise InputError(f"--max-seq-len must be in 32..{limit} (the model's context), got {max_seq_len}")
         if max_batch < 1:
             raise InputError(f"--max-batch must be >= 1, got {max_batch}")
+        if not 1 <= decode_steps <= 64:
+            raise InputError(f"--decode-steps must be in 1..64, got {decode_steps}")
+        if prefill_batch < 1:
+            raise InputError(f"prefill_batch must be >= 1, got {prefill_batch}")
         if max_queue < 0:
             raise InputError(f"--max-queue must be >= 0, got {max_queue}")
         self.model, self.max_batch, self.max_seq_len, self.max_queue = model, max_batch, max_seq_len, max_queue
         rule = model._stop_rule(1, 0, None, 0)
         self.eos_ids, self.pad_id = rule.eos_ids, rule.pad_id
-        self.pool = SlotPool(model.module, model.params, max_batch, max_seq_len, kv_int8=kv_cache == "int8")
+        self.decode_steps, self.prefill_batch = decode_steps, prefill_batch
+        self.pool = SlotPool(model.module, model.params, max_batch, max_seq_len, kv_int8=kv_cache == "int8",
+                             max_steps=decode_steps, eos_ids=self.eos_ids)
         self.metrics = Metrics()
         self._rows: list[Request | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
@@ -135,14 +150,22 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def warm_up(self) -> None:
-        """Compile the decode step and the prefill of the smallest bucket (call before ``start``)."""
-        ids = np.full((1, 1), self.pad_id, np.int32)
-        done = threading.Event()
-        self.submit(Request(ids, np.ones_like(ids), None, None, 2, sink=lambda k, v: k != "token" and done.set()))
-        self._admit_waiting()
-        while self.running:
-            self._step()
+    def warm_up(self, groups: bool = False) -> None:
+        """Compile the decode step and the prefill of the smallest bucket (call before ``start``); with ``groups``
+        also every batched prefill of short prompts (``GROUP_WIDTHS`` x batches of 2, 4, ... rows), so that no
+        request waits for the compiler but one whose prompt bucket is new."""
+        sizes = [(1, 1)]
+        if groups:
+            most = min(self.max_batch, self.prefill_batch)
+            sizes += [(n, w) for w in GROUP_WIDTHS if w + 2 <= self.max_seq_len
+                      for n in (2 ** i for i in range(1, most.bit_length())) if n <= most]
+        for n, width in sizes:
+            ids = np.full((1, width), self.pad_id, np.int32)
+            for _ in range(n):
+                self.submit(Request(ids, np.ones_like(ids), None, None, 2))
+            self._admit_waiting()
+            while self.running:
+                self._step()
         self.metrics.reset()
 
     # -- the engine thread ---------------------------------------------------------------------------------
@@ -167,40 +190,61 @@ class Engine:
     def _admit_waiting(self) -> None:
         while True:
             with self._lock:
+                while self._waiting and self._waiting[0].cancelled:
+                    self._waiting.popleft()
                 free = [i for i, r in enumerate(self._rows) if r is None]
                 if not free or not self._waiting:
                     return
-                request = self._waiting.popleft()
-                if request.cancelled:
-                    continue
-                row = request.row = free[0]
-                self._rows[row] = request
+                group = self._next_group(len(free))
+                rows = free[:len(group)]
+                for request, row in zip(group, rows, strict=True):
+                    request.row, self._rows[row] = row, request
+            start = time.perf_counter()
             try:
-                token = self._prefill(request, row)
+                tokens = self._prefill(group, rows)
             except Exception as e:
                 log.exception("prefill failed")
-                self._finish(row, "error", f"internal error: {e}")
+                for row in rows:
+                    self._finish(row, "error", f"internal error: {e}")
                 if self.pool.lost():
                     self._fail_all(f"internal error: {e}")
                 continue
-            request.first_token_s = time.perf_counter() - request.submitted
-            self.metrics.first_token(request.first_token_s, request.prompt_tokens)
-            self._emit(row, token)
+            self.metrics.prefill(time.perf_counter() - start)
+            for request, row, token in zip(group, rows, tokens, strict=True):
+                request.first_token_s = time.perf_counter() - request.submitted
+                self.metrics.first_token(request.first_token_s, request.prompt_tokens)
+                self._emit(row, token)
 
-    def _prefill(self, request: Request, row: int) -> int:
-        t = request.input_ids.shape[1]
-        pad = bucket(t) - t
-        ids = np.concatenate([np.full((1, pad), self.pad_id, np.int32), request.input_ids.astype(np.int32)], axis=1)
-        mask = np.concatenate([np.zeros((1, pad), np.int32), request.attention_mask.astype(np.int32)], axis=1)
-        return self.pool.admit(row, ids, mask, request.pixel_values, request.pixel_mask,
-                               self._sampling([request], one=True))
+    def _next_group(self, free: int) -> list[Request]:
+        """The waiting requests prefilled together next (taken off the queue; the lock held): the first one, and
+        with it, if it is a short text prompt, the short text prompts right behind it while they fit ``free`` rows
+        and ``prefill_batch``, cut to a power of two."""
+        group = [self._waiting[0]]
+        if _groups(group[0]):
+            for request in itertools.islice(self._waiting, 1, None):
+                if not _groups(request) or len(group) + 1 > min(free, self.prefill_batch):
+                    break
+                group.append(request)
+        group = group[:1 << (len(group).bit_length() - 1)]
+        for _ in group:
+            self._waiting.popleft()
+        return group
 
-    def _sampling(self, requests: list[Request | None], one: bool = False) -> RowSampling:
+    def _prefill(self, group: list[Request], rows: list[int]) -> list[int]:
+        """``group``'s prompts left-padded to one width (one prompt: its bucket; several: ``GROUP_WIDTHS``),
+        prefilled into ``rows``: their first tokens."""
+        longest = max(r.input_ids.shape[1] for r in group)
+        width = bucket(longest) if len(group) == 1 else next(w for w in GROUP_WIDTHS if w >= longest)
+        pad = lambda x, value: np.pad(x.astype(np.int32), ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+        ids = np.concatenate([pad(r.input_ids, self.pad_id) for r in group])
+        mask = np.concatenate([pad(r.attention_mask, 0) for r in group])
+        one = group[0]  # a request with images is alone in its group
+        return self.pool.admit(rows, ids, mask, one.pixel_values, one.pixel_mask, self._sampling(group))
+
+    def _sampling(self, requests: list[Request | None]) -> RowSampling:
         temperature = np.array([r.temperature if r else 0.0 for r in requests], np.float32)
         top_p = np.array([r.top_p if r else 1.0 for r in requests], np.float32)
         keys = np.stack([_key_data(r.seed if r else 0) for r in requests])
-        if one:
-            return RowSampling(temperature[0], top_p[0], keys[0])
         return RowSampling(temperature, top_p, keys)
 
     def _step(self) -> None:
@@ -209,16 +253,29 @@ class Engine:
                 if request is not None and request.cancelled:
                     self._release(row, "cancelled")
             rows = list(self._rows)
+            count = self._steps_now(rows)
         if not any(rows):
             return
         active = np.array([r is not None for r in rows])
         steps = np.array([len(r.generated.tokens) if r else 0 for r in rows], np.int32)
+        limit = np.array([r.max_tokens if r else 0 for r in rows], np.int32)
         start = time.perf_counter()
-        tokens = self.pool.step(active, steps, self._sampling(rows))
-        self.metrics.step(int(active.sum()), time.perf_counter() - start)
-        for row, request in enumerate(rows):
-            if request is not None and self._rows[row] is request:
-                self._emit(row, int(tokens[row]))
+        tokens = self.pool.step(active, steps, limit, self._sampling(rows), count)
+        self.metrics.step(int(active.sum()), time.perf_counter() - start, count)
+        for j in range(count):
+            for row, request in enumerate(rows):
+                if request is not None and self._rows[row] is request:
+                    self._emit(row, int(tokens[j, row]))
+
+    def _steps_now(self, rows: list[Request | None]) -> int:
+        """Decode steps for the next program (the lock held): one while a request waits for a free row, else up
+        to ``decode_steps`` (fewer host round trips), but no more than the running row nearest its budget needs,
+        so that a row ending by length frees its slot at the end of the program. A request that arrives meanwhile
+        waits at most ``decode_steps`` steps."""
+        if self._waiting and self.free_rows:
+            return 1
+        room = min((r.max_tokens - len(r.generated.tokens) for r in rows if r is not None), default=1)
+        return max(1, min(self.decode_steps, room))
 
     def _fail_all(self, message: str) -> None:
         for row, request in enumerate(self._rows):
@@ -246,6 +303,12 @@ class Engine:
         request, self._rows[row] = self._rows[row], None
         self.metrics.finished(why)
         return request
+
+
+def _groups(request: Request) -> bool:
+    """Whether ``request`` may be prefilled with others: text only, and short (``GROUP_MAX_BUCKET``)."""
+    return request.pixel_values is None and not request.cancelled and bucket(request.input_ids.shape[1]) <= \
+        GROUP_MAX_BUCKET
 
 
 @functools.lru_cache(maxsize=1024)

@@ -24,6 +24,7 @@ class Metrics:
             self.prompt = 0
             self.steps = 0
             self.step_seconds = 0.0
+            self.prefill_seconds = 0.0
             self.outcomes: collections.Counter = collections.Counter()
             self.ttft_counts = [0] * len(TTFT_BUCKETS)
             self.ttft_sum = 0.0
@@ -48,10 +49,16 @@ class Metrics:
             self._trim(now)
             return sum(n for _, n in self._recent) / RATE_WINDOW_S
 
-    def step(self, rows: int, seconds: float) -> None:
+    def step(self, rows: int, seconds: float, count: int = 1) -> None:
+        """``count`` decode steps of ``rows`` running rows in one program of ``seconds``."""
         with self._lock:
-            self.steps += 1
+            self.steps += count
             self.step_seconds += seconds
+
+    def prefill(self, seconds: float) -> None:
+        """One admission (prefill and first token) of ``seconds``."""
+        with self._lock:
+            self.prefill_seconds += seconds
 
     def first_token(self, seconds: float, prompt_tokens: int) -> None:
         with self._lock:
@@ -82,6 +89,7 @@ class Metrics:
             metric("prompt_tokens_total", "counter", "prompt tokens prefilled", [("", self.prompt)])
             metric("decode_steps_total", "counter", "decode steps over the pool", [("", self.steps)])
             metric("decode_step_seconds_total", "counter", "time in decode steps", [("", self.step_seconds)])
+            metric("prefill_seconds_total", "counter", "time in prefills", [("", self.prefill_seconds)])
             metric("requests_total", "counter", "requests that left a row, by outcome",
                    [(f'{{outcome="{k}"}}', self.outcomes[k]) for k in ("done", "cancelled", "error")])
             cumulative = [(f'{{le="{edge}"}}', count) for edge, count in zip(TTFT_BUCKETS, self.ttft_counts,

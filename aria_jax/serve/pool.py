@@ -2,13 +2,16 @@
 
 Two kinds of program, and no others:
 
-- ``admit``: one prompt prefilled alone (a one-row cache of the pool's length, left-padded to ``bucket(t)`` with
+- ``admit``: ``n`` prompts prefilled together (an n-row cache of the pool's length, left-padded to one bucket with
   positions from the mask as ``inference.generation.Decoder`` prefills, image features computed here once, prompts
-  over the prefill chunk in chunks over the cache), its first token chosen, and the row copied into the pool at a
-  given row (the batch axis, -4 of every cache leaf). One compilation per prompt bucket (and image batch shape).
-- ``step``: every row advances one token at its own slot (``index`` one per row: ``model.kv_cache.cache_write``),
-  each with its own temperature / top-p / seed (``serve.sampling``). Compiled once. Idle rows rewrite their current
-  slot and stay put.
+  over the prefill chunk in chunks over the cache), their first tokens chosen, and the rows copied into the pool at
+  the given rows (the batch axis, -4 of every cache leaf). One compilation per (prompt bucket, n) (and image batch
+  shape): the engine batches text prompts in powers of two.
+- ``step``: every row advances up to ``count`` tokens (``count`` traced, at most ``max_steps``: several tokens per
+  host round trip) at its own slot (``index`` one per row: ``model.kv_cache.cache_write``), each with its own
+  temperature / top-p / seed (``serve.sampling``). A row stops inside the program at an eos id or at its token
+  budget (``limit``), exactly where the host's ``Generated`` ends it, so no row writes past its room. Compiled once.
+  Idle rows rewrite their current slot and stay put.
 
 ``traces`` counts the traces of each (a trace is a compilation): tests hold it after warm-up.
 """
@@ -16,6 +19,7 @@ Two kinds of program, and no others:
 from __future__ import annotations
 
 import collections
+import functools
 
 import flax.struct
 import jax
@@ -51,9 +55,10 @@ class SlotPool:
     """The compiled programs over one model's params and the pool state they advance (see the module docstring)."""
 
     def __init__(self, module: AriaModel, params, rows: int, slots: int, kv_int8: bool = False,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, max_steps: int = 1, eos_ids: tuple[int, ...] = ()):
         self.module, self.params, self.rows, self.slots = module, params, rows, slots
-        self.kv_int8, self.prefill_chunk = kv_int8, prefill_chunk
+        self.kv_int8, self.prefill_chunk, self.max_steps = kv_int8, prefill_chunk, max_steps
+        self.eos_ids = tuple(eos_ids)
         self.traces: collections.Counter = collections.Counter()
         options = dict(module.runtime.decode_options)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
@@ -98,45 +103,69 @@ class SlotPool:
         _, logits, _, cache = decode(p - chunk, cache, True)
         return cache, logits[:, 0], mask, positions[:, -1]
 
-    def _admit_impl(self, params, state: PoolState, row, ids, attention_mask, pixel_values, pixel_mask,
+    def _admit_impl(self, params, state: PoolState, rows, ids, attention_mask, pixel_values, pixel_mask,
                     sampling: RowSampling):
         self.traces["admit"] += 1
         cache, logits, mask, position = self._prefill(params, ids, attention_mask, pixel_values, pixel_mask)
-        token = select_rows(logits, sampling.key[None], jnp.zeros((1,), jnp.int32), sampling.temperature[None],
-                            sampling.top_p[None])
-        put = jax.lax.dynamic_update_slice_in_dim
-        state = PoolState(
-            cache=jax.tree.map(lambda pool, one: put(pool, one.astype(pool.dtype), row, axis=pool.ndim - 4),
-                               state.cache, cache),
-            mask=put(state.mask, mask, row, axis=0),
-            position=put(state.position, position.astype(jnp.int32), row, axis=0),
-            index=put(state.index, jnp.full((1,), ids.shape[1], jnp.int32), row, axis=0),
-            token=put(state.token, token, row, axis=0),
-        )
-        return state, token[0]
+        token = select_rows(logits, sampling.key, jnp.zeros((ids.shape[0],), jnp.int32), sampling.temperature,
+                            sampling.top_p)
+        index = jnp.full((ids.shape[0],), ids.shape[1], jnp.int32)
+        for i in range(ids.shape[0]):  # prompt i into pool row rows[i]
+            put = functools.partial(_put_row, i=i, row=rows[i])
+            state = PoolState(cache=jax.tree.map(put, state.cache, cache), mask=put(state.mask, mask),
+                              position=put(state.position, position.astype(jnp.int32)),
+                              index=put(state.index, index), token=put(state.token, token))
+        return state, token
 
-    def _step_impl(self, params, state: PoolState, active, steps, sampling: RowSampling):
-        self.traces["step"] += 1
+    def _one_step(self, params, state: PoolState, active, steps, sampling: RowSampling):
         mask = jax.vmap(lambda row, i: row.at[i].set(1))(state.mask, state.index)
         position = state.position + 1
         out = self.module.apply({"params": params}, state.token[:, None], mask, positions=position[:, None],
                                 cache=state.cache, index=state.index, last_only=True)
         token = select_rows(out.logits[:, 0], sampling.key, steps, sampling.temperature, sampling.top_p)
         state = PoolState(
-            cache=out.cache, mask=mask, position=jnp.where(active, position, state.position),
+            cache=out.cache, mask=jnp.where(active[:, None], mask, state.mask),
+            position=jnp.where(active, position, state.position),
             index=jnp.where(active, state.index + 1, state.index), token=jnp.where(active, token, state.token),
         )
         return state, token
 
-    # -- host side -----------------------------------------------------------------------------------------
-    def admit(self, row: int, ids, attention_mask, pixel_values, pixel_mask, sampling: RowSampling) -> int:
-        """Prefill one prompt ((1, P) left-padded ids and mask, P a bucket) into ``row``; returns its first token."""
-        self.state, token = self._admit(self.params, self.state, jnp.int32(row), ids, attention_mask, pixel_values,
-                                        pixel_mask, sampling)
-        return int(token)
+    def _step_impl(self, params, state: PoolState, active, steps, limit, count, sampling: RowSampling):
+        self.traces["step"] += 1
+        eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
+        tokens = jnp.zeros((self.max_steps, self.rows), jnp.int32)
 
-    def step(self, active, steps, sampling: RowSampling):
-        """One token for every row ((rows,) numpy ``active`` / ``steps``, per-row ``sampling``); returns (rows,)
-        tokens as numpy (those of idle rows mean nothing)."""
-        self.state, tokens = self._step(self.params, self.state, jnp.asarray(active), jnp.asarray(steps), sampling)
-        return jax.device_get(tokens)
+        def body(j, carry):
+            state, active, tokens = carry
+            state, token = self._one_step(params, state, active, steps + j, sampling)
+            tokens = tokens.at[j].set(token)
+            ended = jnp.isin(token, eos) | (steps + j + 1 >= limit)
+            return state, active & ~ended, tokens
+
+        state, _, tokens = jax.lax.fori_loop(0, count, body, (state, active, tokens))
+        return state, tokens
+
+    # -- host side -----------------------------------------------------------------------------------------
+    def admit(self, rows, ids, attention_mask, pixel_values, pixel_mask, sampling: RowSampling) -> list[int]:
+        """Prefill ``n`` prompts ((n, P) left-padded ids and mask, P a bucket; pixels of all their images) into pool
+        rows ``rows`` (n ints), one program; ``sampling`` has (n,) fields. Returns their first tokens."""
+        self.state, tokens = self._admit(self.params, self.state, jnp.asarray(rows, jnp.int32), ids, attention_mask,
+                                         pixel_values, pixel_mask, sampling)
+        return [int(t) for t in jax.device_get(tokens)]
+
+    def step(self, active, steps, limit, sampling: RowSampling, count: int = 1):
+        """``count`` (<= ``max_steps``) tokens for every row ((rows,) numpy ``active``, ``steps``: tokens generated,
+        ``limit``: the row's budget; per-row ``sampling``); returns (count, rows) tokens as numpy (a row's tokens
+        after it ended, and those of idle rows, mean nothing)."""
+        if not 1 <= count <= self.max_steps:
+            raise ValueError(f"count {count} outside 1..{self.max_steps}")
+        self.state, tokens = self._step(self.params, self.state, jnp.asarray(active), jnp.asarray(steps),
+                                        jnp.asarray(limit), jnp.int32(count), sampling)
+        return jax.device_get(tokens)[:count]
+
+
+def _put_row(pool: jax.Array, new: jax.Array, i: int, row: jax.Array) -> jax.Array:
+    """``pool`` with its row ``row`` set to row ``i`` of ``new``: the batch axis is -4 of a cache leaf, else 0."""
+    axis = pool.ndim - 4 if pool.ndim >= 4 else 0
+    one = jax.lax.slice_in_dim(new, i, i + 1, axis=axis).astype(pool.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(pool, one, row, axis=axis)

@@ -40,7 +40,8 @@ def test_flags_build_the_engine_and_the_settings(tiny_dir, tmp_path):
     args.runtime = None
     engine, config = build(args)
     assert (engine.max_batch, engine.max_seq_len) == (2, 64)
-    assert dict(engine.pool.traces) == {"admit": 1, "step": 1}
+    # the warm-up: bucket 16 alone, two 32-token prompts together (64 + 2 tokens would not fit a row), the step
+    assert dict(engine.pool.traces) == {"admit": 2, "step": 1}
     assert (config.defaults.max_tokens, config.defaults.temperature, config.media.allowed_dir) == (5, 0.5,
                                                                                                   str(tmp_path))
     assert config.model_id == tiny_dir and isinstance(args, argparse.Namespace)

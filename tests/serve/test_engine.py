@@ -40,7 +40,7 @@ def text_of(pieces):
 
 
 def test_rows_joining_and_leaving_match_chat_alone_and_compile_once_per_bucket(tiny_model, reference):
-    with started_engine(tiny_model, max_batch=3, max_seq_len=96) as engine:
+    with started_engine(tiny_model, max_batch=3, max_seq_len=96, prefill_batch=1) as engine:
         assert dict(engine.pool.traces) == {"admit": 1, "step": 1}  # the warm-up: bucket 16 and the step
         jobs = [(text, 3 + 4 * i, dict(temperature=0.9 if i % 2 else 0.0, top_p=0.8, seed=i))
                 for i, text in enumerate(PROMPTS)]
@@ -60,16 +60,35 @@ def test_rows_joining_and_leaving_match_chat_alone_and_compile_once_per_bucket(t
         assert engine.free_rows == 3 and engine.queue_length == 0
 
 
+def test_waiting_text_prompts_prefill_together_and_reply_as_alone(tiny_model, reference):
+    engine = Engine(tiny_model, max_batch=4, max_seq_len=96)
+    engine.warm_up()  # one row, bucket 16
+    runs = [(submit(engine, tiny_model, text, 6, temperature=0.7 * (i % 2), seed=i), text, i)
+            for i, text in enumerate(PROMPTS)]  # four prompts of three buckets, waiting before the engine runs
+    engine.start()
+    try:
+        for (request, done, pieces), text, i in runs:
+            assert done.wait(120)
+            alone, tokens = reference(messages(text), None, 6, temperature=0.7 * (i % 2), seed=i)
+            assert request.generated.tokens == tokens
+            assert text_of(pieces) == alone
+        assert dict(engine.pool.traces) == {"admit": 2, "step": 1}  # all four in one prefill of the longest bucket
+        assert engine.metrics.steps <= 5 + 2  # 5 tokens after the first one, several per program
+    finally:
+        engine.stop()
+
+
 def test_a_cancelled_request_frees_its_row_and_a_full_queue_refuses(tiny_model):
-    with started_engine(tiny_model, max_batch=1, max_seq_len=96, max_queue=1) as engine:
-        first, _, pieces = submit(engine, tiny_model, PROMPTS[0], 70)
+    # a long first request, one token per step: it runs far longer than the polls below
+    with started_engine(tiny_model, max_batch=1, max_seq_len=512, max_queue=1, decode_steps=1) as engine:
+        first, _, pieces = submit(engine, tiny_model, PROMPTS[0], 400)
         assert wait_for(lambda: len(first.generated.tokens) > 0)
         second, second_done, _ = submit(engine, tiny_model, PROMPTS[1], 2)  # waits for the row
         with pytest.raises(QueueFull):
             submit(engine, tiny_model, PROMPTS[2], 2)
         first.cancel()
         assert second_done.wait(60)  # the row went to the waiting request
-        assert len(first.generated.tokens) < 70
+        assert len(first.generated.tokens) < 400
         assert wait_for(lambda: engine.free_rows == 1)
         assert engine.metrics.outcomes["cancelled"] == 1 and engine.metrics.outcomes["done"] == 1
 
