@@ -51,6 +51,8 @@ def run_jax(directory: str, batch: int, seq: int, repeats: int) -> dict:
     trainable, frozen = traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
     # the layout train.py picks (scan_layers null): per layer on CPU; BENCH_SCAN_LAYERS=1 runs the layer scan
     runtime = detect()
+    if os.environ.get("BENCH_ATTENTION"):  # probe another attention kernel (aria_jax.runtime ATTENTION_KERNELS)
+        runtime = runtime.replace(attention=os.environ["BENCH_ATTENTION"])
     layerwise = not resolve_scan_layers(True if os.environ.get("BENCH_SCAN_LAYERS") == "1" else None, runtime)
     if layerwise:
         trainable, frozen = param_layout.unroll_layers(trainable), param_layout.unroll_layers(frozen)
