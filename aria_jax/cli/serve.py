@@ -13,14 +13,15 @@ from aria_jax.runtime import with_overrides
 from aria_jax.serve.app import MAX_BODY_BYTES, ServerConfig, create_app
 from aria_jax.serve.engine import Engine
 from aria_jax.serve.media import MediaPolicy
-from aria_jax.serve.protocol import Defaults
+from aria_jax.serve.protocol import MAX_VIDEO_FRAMES, Defaults
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="an OpenAI-compatible chat server with continuous batching",
-        description="Serve POST /v1/chat/completions (OpenAI format, stream too; images as data: URLs, local files "
-                    "under --allowed-media-dir, remote ones with --allow-remote-media), GET /v1/models, /health and "
+        description="Serve POST /v1/chat/completions (OpenAI format, stream too; images (image_url) and "
+                    "videos (video_url) as data: URLs, local files under --allowed-media-dir, remote ones with "
+                    "--allow-remote-media), GET /v1/models, /health and "
                     "/metrics (Prometheus). --max-batch requests decode together in a pool of KV-cache rows of "
                     "--max-seq-len slots; more wait (at most --max-queue, then 429). --max-new-tokens, --temperature "
                     "(0: greedy), --top-p and --seed are the defaults of requests that leave them out.")
@@ -38,6 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache", default="float", choices=["float", "int8"], help="KV-cache storage (float)")
     p.add_argument("--allowed-media-dir", default=None, metavar="DIR",
                    help="image_url may name local files under DIR (default: no local files)")
+    p.add_argument("--video-frames", type=int, default=8, metavar="N",
+                   help="frames sampled from a video_url part that gives no num_frames (8; 128 tokens each at 490 px)")
     p.add_argument("--allow-remote-media", action="store_true", help="image_url may be http(s):// (fetched)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help=f"largest request body "
                    f"({MAX_BODY_BYTES >> 20} MiB)")
@@ -60,6 +63,8 @@ def check(args: argparse.Namespace) -> None:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 1 <= args.decode_steps <= 64:
         raise InputError(f"--decode-steps must be in 1..64, got {args.decode_steps}")
+    if not 1 <= args.video_frames <= MAX_VIDEO_FRAMES:
+        raise InputError(f"--video-frames must be in 1..{MAX_VIDEO_FRAMES}, got {args.video_frames}")
     if args.max_body_bytes < 1024:
         raise InputError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
     if args.max_new_tokens < 1:
@@ -81,7 +86,7 @@ def build(args: argparse.Namespace) -> tuple[Engine, ServerConfig]:
     engine.warm_up(groups=True)
     config = ServerConfig(
         model_id=args.model,
-        defaults=Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed),
+        defaults=Defaults(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.video_frames),
         media=MediaPolicy(args.allowed_media_dir, args.allow_remote_media),
         max_body_bytes=args.max_body_bytes,
         image_options=dict(max_image_size=args.max_image_size, split_image=args.split_image or None,

@@ -43,7 +43,7 @@ class Failure(Exception):
 def prepare(engine: Engine, config: ServerConfig, req: protocol.ChatRequest) -> EngineRequest:
     """Template, tokens and images for one request; its max_tokens checked against the row it needs."""
     model = engine.model
-    batch = model.processor.chat_inputs(req.messages, req.images or None, **config.image_options)
+    batch = model.processor.chat_inputs(req.messages, req.images or None, req.videos or None, **config.image_options)
     ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
     t, room = ids.shape[1], engine.room(ids.shape[1])
     if room < 1:

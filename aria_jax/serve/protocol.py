@@ -13,6 +13,7 @@ from aria_jax.serve import media
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
+MAX_VIDEO_FRAMES = 128  # the most frames a video_url may ask for (the original's longest recipe)
 # fields that change what comes back and that this server does not do: refused rather than ignored
 UNSUPPORTED = {"tools": None, "tool_choice": "none", "functions": None, "function_call": "none", "logprobs": False,
                "top_logprobs": None, "logit_bias": None, "frequency_penalty": 0, "presence_penalty": 0,
@@ -35,12 +36,13 @@ class Defaults:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    video_frames: int = 8  # frames sampled from a video_url that does not say
 
 
 @dataclasses.dataclass
 class ChatRequest:
-    messages: list[dict]  # aria_jax chat messages ({"type": "image"} items, in order with ``images``)
-    images: list
+    messages: list[dict]  # aria_jax chat messages ({"type": "image"} / {"type": "video"} items, in order with
+    images: list  # ``images`` and ``videos`` (aria_jax.inference.video.Video)
     max_tokens: int | None  # None: the server's default (what fits)
     temperature: float
     top_p: float
@@ -48,6 +50,7 @@ class ChatRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    videos: list = dataclasses.field(default_factory=list)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -106,9 +109,9 @@ def parse(raw: bytes, defaults: Defaults, policy: media.MediaPolicy) -> ChatRequ
     seed = _integer(body, "seed")
     if seed is not None and not -(1 << 63) <= seed < (1 << 64):
         raise RequestError(f"seed must fit 64 bits, got {seed}", "seed")
-    messages, images = _messages(body.get("messages"), policy)
+    messages, images, videos = _messages(body.get("messages"), policy, defaults.video_frames)
     return ChatRequest(
-        messages=messages, images=images, max_tokens=max_tokens,
+        messages=messages, images=images, videos=videos, max_tokens=max_tokens,
         temperature=_number(body, "temperature", defaults.temperature, 0.0, 2.0),
         top_p=_number(body, "top_p", defaults.top_p, 0.0, 1.0, low_open=True),
         seed=defaults.seed if seed is None else seed % (1 << 32),
@@ -125,10 +128,10 @@ def _stop(value) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _messages(value, policy: media.MediaPolicy) -> tuple[list[dict], list]:
+def _messages(value, policy: media.MediaPolicy, video_frames: int) -> tuple[list[dict], list, list]:
     if not isinstance(value, list) or not value:
         raise RequestError("messages must be a non-empty list", "messages")
-    messages, images = [], []
+    messages, images, videos = [], [], []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -140,14 +143,15 @@ def _messages(value, policy: media.MediaPolicy) -> tuple[list[dict], list]:
         if isinstance(content, str):
             items = [{"type": "text", "text": content}]
         elif isinstance(content, list) and content:
-            items = [_part(part, f"{where}.content[{j}]", policy, images) for j, part in enumerate(content)]
+            items = [_part(part, f"{where}.content[{j}]", policy, images, videos, video_frames)
+                     for j, part in enumerate(content)]
         else:
             raise RequestError(f"{where}.content must be a string or a non-empty list of parts", f"{where}.content")
         messages.append({"role": role, "content": items})
-    return messages, images
+    return messages, images, videos
 
 
-def _part(part, where: str, policy: media.MediaPolicy, images: list) -> dict:
+def _part(part, where: str, policy: media.MediaPolicy, images: list, videos: list, video_frames: int) -> dict:
     if not isinstance(part, dict):
         raise RequestError(f"{where} must be an object", where)
     kind = part.get("type")
@@ -165,7 +169,21 @@ def _part(part, where: str, policy: media.MediaPolicy, images: list) -> dict:
         except media.MediaError as e:
             raise RequestError(str(e), e.param, "invalid_image") from None
         return {"type": "image"}
-    raise RequestError(f"{where}.type must be text or image_url, got {kind!r}", f"{where}.type")
+    if kind == "video_url":  # vLLM's form: {"type": "video_url", "video_url": {"url": ..., "num_frames": n}}
+        spec = part.get("video_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str) or not url:
+            raise RequestError(f"{where}.video_url must be {{\"url\": ...}}", f"{where}.video_url")
+        frames = spec.get("num_frames", video_frames) if isinstance(spec, dict) else video_frames
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_VIDEO_FRAMES:
+            raise RequestError(f"{where}.video_url.num_frames must be an integer in 1..{MAX_VIDEO_FRAMES}, got "
+                               f"{frames!r}", f"{where}.video_url.num_frames")
+        try:
+            videos.append(media.load_video(url, policy, f"{where}.video_url", frames))
+        except media.MediaError as e:
+            raise RequestError(str(e), e.param, "invalid_video") from None
+        return {"type": "video"}
+    raise RequestError(f"{where}.type must be text, image_url or video_url, got {kind!r}", f"{where}.type")
 
 
 # -- responses --------------------------------------------------------------------------------------------------

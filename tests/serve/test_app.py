@@ -74,6 +74,31 @@ def test_an_image_message(server, reference):
     assert reply.usage.prompt_tokens > 8  # the image's tokens
 
 
+def test_a_video_message(server, tiny_model, tmp_path):
+    pytest.importorskip("av")
+    from video_files import write_video
+
+    engine, url, client = server
+    path = write_video(tmp_path / "clip.mp4", frames=12)
+    data = "data:video/mp4;base64," + base64.b64encode(open(path, "rb").read()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data, "num_frames": 2}},
+                                             {"type": "text", "text": "what happens?"}]}]
+    alone = tiny_model.chat([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what happens?"}]}],
+                            videos=[path], num_frames=2, max_new_tokens=6)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
+    assert reply.choices[0].message.content == alone
+    frame_tokens = tiny_model.processor.chat_inputs(messages=[{"role": "user", "content": [{"type": "video"}]}],
+                                                    videos=[path], num_frames=2)["input_ids"].shape[1]
+    assert reply.usage.prompt_tokens > frame_tokens  # both frames' tokens, the text's too
+    for part, code in (({"url": "data:video/mp4;base64,AAAA"}, "invalid_video"),
+                       ({"url": str(path)}, "invalid_video"),  # no --allowed-media-dir
+                       ({"url": data, "num_frames": 0}, "invalid_value")):
+        bad = [{"role": "user", "content": [{"type": "video_url", "video_url": part}]}]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=bad, max_tokens=2)
+        assert e.value.body["code"] == code and e.value.body["param"].startswith("messages[0].content[0].video_url")
+
+
 def test_eight_concurrent_clients_each_get_their_reply_alone(server, reference):
     engine, url, client = server
     lengths = [5 + 3 * i for i in range(8)]
@@ -137,7 +162,7 @@ def test_a_disconnect_frees_its_row(server):
 
 
 def test_a_full_queue_gets_429(tiny_model):
-    with started_engine(tiny_model, max_batch=1, max_seq_len=128, max_queue=0) as engine:
+    with started_engine(tiny_model, max_batch=1, max_seq_len=128, max_queue=0, decode_steps=1) as engine:
         with running_server(create_app(engine, ServerConfig(model_id="tiny"))) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
             stream = client.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=100, stream=True)

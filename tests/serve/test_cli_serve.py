@@ -19,6 +19,8 @@ from aria_jax.cli.serve import build
     (["--top-k", "5"], "--top-k 5: the server samples with temperature and top-p only"),
     (["--allowed-media-dir", "/no/such/dir"], "--allowed-media-dir /no/such/dir: not a directory"),
     (["--runtime", "experts=nope"], "--runtime:"),
+    (["--decode-steps", "0"], r"--decode-steps must be in 1\.\.64, got 0"),
+    (["--video-frames", "200"], r"--video-frames must be in 1\.\.128, got 200"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, match, capsys, tmp_path):
     assert main(["serve", "--model", str(tmp_path), *flags]) == 2
@@ -36,12 +38,14 @@ def test_a_model_without_weights_is_one_line(capsys, tmp_path):
 def test_flags_build_the_engine_and_the_settings(tiny_dir, tmp_path):
     args = build_parser().parse_args(["serve", "--model", tiny_dir, "--max-batch", "2", "--max-seq-len", "64",
                                       "--allowed-media-dir", str(tmp_path), "--max-new-tokens", "5",
-                                      "--temperature", "0.5", "--dtype", "float32"])
+                                      "--temperature", "0.5", "--dtype", "float32", "--decode-steps", "2",
+                                      "--video-frames", "3"])
     args.runtime = None
     engine, config = build(args)
-    assert (engine.max_batch, engine.max_seq_len) == (2, 64)
+    assert (engine.max_batch, engine.max_seq_len, engine.decode_steps, engine.pool.max_steps) == (2, 64, 2, 2)
     # the warm-up: bucket 16 alone, two 32-token prompts together (64 + 2 tokens would not fit a row), the step
     assert dict(engine.pool.traces) == {"admit": 2, "step": 1}
     assert (config.defaults.max_tokens, config.defaults.temperature, config.media.allowed_dir) == (5, 0.5,
                                                                                                   str(tmp_path))
+    assert config.defaults.video_frames == 3
     assert config.model_id == tiny_dir and isinstance(args, argparse.Namespace)

@@ -52,7 +52,7 @@ def test_images_come_in_order_with_their_parts():
     (body(messages="hi"), "messages", "non-empty list"),
     (body(messages=[{"role": "robot", "content": "x"}]), "messages[0].role", "one of system"),
     (body(messages=[{"role": "user"}]), "messages[0].content", "string or a non-empty list"),
-    (body(messages=[{"role": "user", "content": [{"type": "audio"}]}]), "messages[0].content[0].type", "text or image_url"),
+    (body(messages=[{"role": "user", "content": [{"type": "audio"}]}]), "messages[0].content[0].type", "text, image_url or video_url"),
     (body(messages=[{"role": "user", "content": [{"type": "text", "text": 3}]}]), "messages[0].content[0].text", "string"),
     (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]),
      "messages[0].content[0].image_url", "invalid base64"),
@@ -96,6 +96,28 @@ def test_local_files_only_under_the_allowed_directory(tmp_path):
         content = [{"type": "image_url", "image_url": {"url": url}}]
         with pytest.raises(RequestError, match="not under|cannot read"):
             parse(body(messages=[{"role": "user", "content": content}]), Defaults(), policy)
+
+
+def test_video_parts_sample_their_frames_from_allowed_files_and_data_urls(tmp_path):
+    pytest.importorskip("av")
+    from video_files import frame_number, write_video
+
+    (tmp_path / "media").mkdir()
+    path = write_video(tmp_path / "media" / "clip.mp4", frames=20)
+    data = "data:video/mp4;base64," + base64.b64encode(open(path, "rb").read()).decode()
+    policy = MediaPolicy(allowed_dir=str(tmp_path / "media"))
+    parts = [{"type": "video_url", "video_url": {"url": path}}, {"type": "text", "text": "and"},
+             {"type": "video_url", "video_url": {"url": data, "num_frames": 3}}, {"type": "image_url",
+                                                                                   "image_url": png_url()}]
+    req = parse(body(messages=[{"role": "user", "content": parts}]), Defaults(video_frames=4), policy)
+    assert [p["type"] for p in req.messages[0]["content"]] == ["video", "text", "video", "image"]
+    assert [len(v.frames) for v in req.videos] == [4, 3] and len(req.images) == 1
+    assert [frame_number(f) for f in req.videos[0].frames] == [2, 7, 12, 17]  # segment centres of 20 frames
+    assert req.videos[1].path == "video_url" and not list((tmp_path / "media").glob("aria-jax-video-*"))
+    with pytest.raises(RequestError, match="remote videos are off") as e:
+        parse(body(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": "https://x/a.mp4"}]}]),
+              Defaults(), policy)
+    assert e.value.param == "messages[0].content[0].video_url"
 
 
 def test_response_objects_parse_with_the_openai_client_types():
