@@ -151,10 +151,18 @@ class Engine:
             self._thread.join()
 
     def warm_up(self, groups: bool = False) -> None:
-        """Compile the decode step and the prefill of the smallest bucket (call before ``start``); with ``groups``
-        also every batched prefill of short prompts (``GROUP_WIDTHS`` x batches of 2, 4, ... rows), so that no
-        request waits for the compiler but one whose prompt bucket is new."""
-        sizes = [(1, 1)]
+        """Compile the decode steps (a lone row's and the pool's, and the moves between them) and the prefill of the
+        smallest bucket (call before ``start``); with ``groups`` also every batched prefill of short prompts
+        (``GROUP_WIDTHS`` x batches of 2, 4, ... rows), so that no request waits for the compiler but one whose
+        prompt bucket is new."""
+        ids = np.full((1, 1), self.pad_id, np.int32)
+        self.submit(Request(ids, np.ones_like(ids), None, None, min(8, self.max_seq_len - bucket(1))))
+        self._admit_waiting()
+        self._step()  # alone: the one-row pool
+        if self.max_batch > 1:
+            self.submit(Request(ids, np.ones_like(ids), None, None, 2))
+        self._drain()  # together (the pool), then the first alone again
+        sizes = []
         if groups:
             most = min(self.max_batch, self.prefill_batch)
             sizes += [(n, w) for w in GROUP_WIDTHS if w + 2 <= self.max_seq_len
@@ -163,10 +171,15 @@ class Engine:
             ids = np.full((1, width), self.pad_id, np.int32)
             for _ in range(n):
                 self.submit(Request(ids, np.ones_like(ids), None, None, 2))
-            self._admit_waiting()
-            while self.running:
-                self._step()
+            self._drain()
         self.metrics.reset()
+
+    def _drain(self) -> None:
+        """Run (on the caller's thread) until no request runs or waits."""
+        while self.running or self._waiting:
+            self._admit_waiting()
+            if self.running:
+                self._step()
 
     # -- the engine thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -281,7 +294,7 @@ class Engine:
         for row, request in enumerate(self._rows):
             if request is not None:
                 self._finish(row, "error", message)
-        self.pool.state = self.pool.empty()
+        self.pool.reset()
 
     def _emit(self, row: int, token: int) -> None:
         request = self._rows[row]

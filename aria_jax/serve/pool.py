@@ -24,6 +24,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aria_jax.inference.generation import PREFILL_CHUNK, prefill_chunk_tokens
 from aria_jax.model.aria import AriaModel
@@ -63,17 +64,24 @@ class SlotPool:
         options = dict(module.runtime.decode_options)
         self._admit = jax.jit(self._admit_impl, donate_argnums=(1,))
         self._step = jax.jit(self._step_impl, donate_argnums=(1,), compiler_options=options)
-        self.state = self.empty()
+        self._move = jax.jit(self._move_impl, donate_argnums=(0,))
+        self.reset()
 
-    def empty(self) -> PoolState:
-        m = self.module
-        cache = init_cache(m.config.text, self.rows, self.slots, m.dtype, m.layout != "stacked", self.kv_int8)
-        zeros = lambda: jnp.zeros((self.rows,), jnp.int32)  # one buffer each: all are donated
-        return PoolState(cache, jnp.zeros((self.rows, self.slots), jnp.int32), zeros(), zeros(), zeros())
+    def reset(self) -> None:
+        """Every row empty (and the one-row pool)."""
+        self.state = self.empty()
+        self.small = self.empty(1) if self.rows > 1 else None
+        self.single: int | None = None  # the row whose state is in ``small`` (its row in ``state`` is stale)
+
+    def empty(self, rows: int | None = None) -> PoolState:
+        m, rows = self.module, self.rows if rows is None else rows
+        cache = init_cache(m.config.text, rows, self.slots, m.dtype, m.layout != "stacked", self.kv_int8)
+        zeros = lambda: jnp.zeros((rows,), jnp.int32)  # noqa: E731 (one buffer each: all are donated)
+        return PoolState(cache, jnp.zeros((rows, self.slots), jnp.int32), zeros(), zeros(), zeros())
 
     def lost(self) -> bool:
         """Whether a failed program took the donated state with it (then every row must start again)."""
-        return any(x.is_deleted() for x in jax.tree.leaves(self.state))
+        return any(x.is_deleted() for x in jax.tree.leaves((self.state, self.small)))
 
     # -- programs ------------------------------------------------------------------------------------------
     def _prefill(self, params, ids, attention_mask, pixel_values, pixel_mask):
@@ -133,7 +141,7 @@ class SlotPool:
     def _step_impl(self, params, state: PoolState, active, steps, limit, count, sampling: RowSampling):
         self.traces["step"] += 1
         eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
-        tokens = jnp.zeros((self.max_steps, self.rows), jnp.int32)
+        tokens = jnp.zeros((self.max_steps, state.index.shape[0]), jnp.int32)
 
         def body(j, carry):
             state, active, tokens = carry
@@ -145,10 +153,22 @@ class SlotPool:
         state, _, tokens = jax.lax.fori_loop(0, count, body, (state, active, tokens))
         return state, tokens
 
+    def _move_impl(self, dst: PoolState, src: PoolState, dst_row, src_row) -> PoolState:
+        self.traces["move"] += 1
+
+        def move(to, source):
+            axis = to.ndim - 4 if to.ndim >= 4 else 0
+            row = jax.lax.dynamic_slice_in_dim(source, src_row, 1, axis=axis)
+            return jax.lax.dynamic_update_slice_in_dim(to, row, dst_row, axis=axis)
+
+        return jax.tree.map(move, dst, src)
+
     # -- host side -----------------------------------------------------------------------------------------
     def admit(self, rows, ids, attention_mask, pixel_values, pixel_mask, sampling: RowSampling) -> list[int]:
         """Prefill ``n`` prompts ((n, P) left-padded ids and mask, P a bucket; pixels of all their images) into pool
         rows ``rows`` (n ints), one program; ``sampling`` has (n,) fields. Returns their first tokens."""
+        if self.single in list(rows):
+            self.single = None  # its copy in the one-row pool is of a request that has gone
         self.state, tokens = self._admit(self.params, self.state, jnp.asarray(rows, jnp.int32), ids, attention_mask,
                                          pixel_values, pixel_mask, sampling)
         return [int(t) for t in jax.device_get(tokens)]
@@ -156,13 +176,36 @@ class SlotPool:
     def step(self, active, steps, limit, sampling: RowSampling, count: int = 1):
         """``count`` (<= ``max_steps``) tokens for every row ((rows,) numpy ``active``, ``steps``: tokens generated,
         ``limit``: the row's budget; per-row ``sampling``); returns (count, rows) tokens as numpy (a row's tokens
-        after it ended, and those of idle rows, mean nothing)."""
+        after it ended, and those of idle rows, mean nothing).
+
+        One running row runs in a pool of one row: a step of all rows costs several times a one-row step (every
+        row's experts are read), so a lone request decodes as fast as ``Aria.chat``. The row's state moves there
+        when it is the only one left, and back when another joins (one copy of a row each way)."""
         if not 1 <= count <= self.max_steps:
             raise ValueError(f"count {count} outside 1..{self.max_steps}")
-        self.state, tokens = self._step(self.params, self.state, jnp.asarray(active), jnp.asarray(steps),
-                                        jnp.asarray(limit), jnp.int32(count), sampling)
+        active, steps, limit = np.asarray(active), np.asarray(steps), np.asarray(limit)
+        live = np.flatnonzero(active)
+        if self.small is not None and len(live) == 1:
+            row = int(live[0])
+            if self.single != row:
+                self._back()
+                self.small = self._move(self.small, self.state, jnp.int32(0), jnp.int32(row))
+                self.single = row
+            pick = lambda x: np.asarray(x)[row:row + 1]  # noqa: E731
+            self.small, tokens = self._step(self.params, self.small, pick(active), pick(steps), pick(limit),
+                                            jnp.int32(count), jax.tree.map(pick, sampling))
+            out = np.zeros((count, self.rows), np.int32)
+            out[:, row] = jax.device_get(tokens)[:count, 0]
+            return out
+        self._back()
+        self.state, tokens = self._step(self.params, self.state, active, steps, limit, jnp.int32(count), sampling)
         return jax.device_get(tokens)[:count]
 
+    def _back(self) -> None:
+        """The one-row pool's row back into its place in the pool."""
+        if self.single is not None:
+            self.state = self._move(self.state, self.small, jnp.int32(self.single), jnp.int32(0))
+            self.single = None
 
 def _put_row(pool: jax.Array, new: jax.Array, i: int, row: jax.Array) -> jax.Array:
     """``pool`` with its row ``row`` set to row ``i`` of ``new``: the batch axis is -4 of a cache leaf, else 0."""

@@ -44,7 +44,8 @@ def test_flags_build_the_engine_and_the_settings(tiny_dir, tmp_path):
     engine, config = build(args)
     assert (engine.max_batch, engine.max_seq_len, engine.decode_steps, engine.pool.max_steps) == (2, 64, 2, 2)
     # the warm-up: bucket 16 alone, two 32-token prompts together (64 + 2 tokens would not fit a row), the step
-    assert dict(engine.pool.traces) == {"admit": 2, "step": 1}
+    # of one row and of the pool, the moves between them
+    assert dict(engine.pool.traces) == {"admit": 2, "step": 2, "move": 2}
     assert (config.defaults.max_tokens, config.defaults.temperature, config.media.allowed_dir) == (5, 0.5,
                                                                                                   str(tmp_path))
     assert config.defaults.video_frames == 3

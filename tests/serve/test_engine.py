@@ -41,7 +41,7 @@ def text_of(pieces):
 
 def test_rows_joining_and_leaving_match_chat_alone_and_compile_once_per_bucket(tiny_model, reference):
     with started_engine(tiny_model, max_batch=3, max_seq_len=96, prefill_batch=1) as engine:
-        assert dict(engine.pool.traces) == {"admit": 1, "step": 1}  # the warm-up: bucket 16 and the step
+        assert dict(engine.pool.traces) == {"admit": 1, "step": 2, "move": 2}  # the warm-up: bucket 16, the steps (one row, pool), moves
         jobs = [(text, 3 + 4 * i, dict(temperature=0.9 if i % 2 else 0.0, top_p=0.8, seed=i))
                 for i, text in enumerate(PROMPTS)]
         runs = [(submit(engine, tiny_model, text, n, **s), text, n, s) for text, n, s in jobs]  # 4 requests, 3 rows
@@ -51,12 +51,12 @@ def test_rows_joining_and_leaving_match_chat_alone_and_compile_once_per_bucket(t
             assert request.generated.tokens == tokens
             assert text_of(pieces) == alone
         buckets = {bucket(tiny_model.processor.chat_inputs(messages(t))["input_ids"].shape[1]) for t in PROMPTS}
-        assert dict(engine.pool.traces) == {"admit": len(buckets | {16}), "step": 1}
+        assert dict(engine.pool.traces) == {"admit": len(buckets | {16}), "step": 2, "move": 2}
         # more requests of those lengths, other sampling and lengths: nothing new compiles
         again = [submit(engine, tiny_model, text, 2 + i, temperature=0.3 * i, top_p=1.0 - 0.1 * i, seed=99)
                  for i, text in enumerate(PROMPTS)]
         assert all(done.wait(120) for _, done, _ in again)
-        assert dict(engine.pool.traces) == {"admit": len(buckets | {16}), "step": 1}
+        assert dict(engine.pool.traces) == {"admit": len(buckets | {16}), "step": 2, "move": 2}
         assert engine.free_rows == 3 and engine.queue_length == 0
 
 
@@ -72,7 +72,7 @@ def test_waiting_text_prompts_prefill_together_and_reply_as_alone(tiny_model, re
             alone, tokens = reference(messages(text), None, 6, temperature=0.7 * (i % 2), seed=i)
             assert request.generated.tokens == tokens
             assert text_of(pieces) == alone
-        assert dict(engine.pool.traces) == {"admit": 2, "step": 1}  # all four in one prefill of the longest bucket
+        assert dict(engine.pool.traces) == {"admit": 2, "step": 2, "move": 2}  # all four in one prefill of the longest bucket
         assert engine.metrics.steps <= 5 + 2  # 5 tokens after the first one, several per program
     finally:
         engine.stop()

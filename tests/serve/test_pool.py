@@ -58,3 +58,38 @@ def test_several_steps_in_one_program_equal_single_steps_and_rows_stop_inside(ti
     assert index[1] - start_index[1] == 2  # steps 1 -> 3 = its budget
     assert index[2] == start_index[2]  # the idle row stays put
     assert stopping.state.token[1] == expected[1, 1]
+
+
+def test_a_lone_row_decodes_in_the_one_row_pool_and_moves_back(tiny_model):
+    steps, limit = np.array([1, 1, 0], np.int32), np.array([40, 40, 0], np.int32)
+    both, lone_1, lone_0 = np.array([True, True, False]), np.array([False, True, False]), np.array([True, False, False])
+    together = admitted(tiny_model, max_steps=4)
+    expected = together.step(both, steps, limit, sampling(), count=3)
+    expected_last = together.step(both, steps + 3, limit, sampling(), count=1)
+
+    apart = admitted(tiny_model, max_steps=4)
+    got_1 = apart.step(lone_1, steps, limit, sampling(), count=3)  # row 1 alone: moved to the one-row pool
+    assert apart.single == 1
+    got_0 = apart.step(lone_0, steps, limit, sampling(), count=3)  # row 1 back, row 0 alone
+    assert apart.single == 0
+    got_last = apart.step(both, steps + 3, limit, sampling(), count=1)  # both in the pool again
+    assert apart.single is None and apart.traces["move"] == 2
+    np.testing.assert_array_equal(got_1[:, 1], expected[:, 1])
+    np.testing.assert_array_equal(got_0[:, 0], expected[:, 0])
+    np.testing.assert_array_equal(got_last[:, :2], expected_last[:, :2])
+    for name in ("index", "position", "token", "mask"):
+        np.testing.assert_array_equal(np.asarray(getattr(apart.state, name)), np.asarray(getattr(together.state, name)))
+    for a, b in zip(jax.tree.leaves(apart.state.cache), jax.tree.leaves(together.state.cache), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    # a new request admitted into the row whose copy is in the one-row pool: that copy is dropped, not moved back
+    apart.step(lone_0, steps + 4, limit, sampling(), count=1)
+    assert apart.single == 0
+    apart_index = np.asarray(apart.state.index).copy()
+    batch = tiny_model.processor.chat_inputs([{"role": "user", "content": [{"type": "text", "text": "new"}]}])
+    ids = np.asarray(batch["input_ids"], np.int32)
+    one = RowSampling(*(np.asarray(x)[:1] for x in (sampling().temperature, sampling().top_p, sampling().key)))
+    apart.admit([0], ids, np.ones_like(ids), None, None, one)
+    assert apart.single is None and int(apart.state.index[0]) == ids.shape[1] != apart_index[0]
+    apart.step(both, steps, limit, sampling(), count=1)
+    assert int(apart.state.index[0]) == ids.shape[1] + 1  # the new row advanced, not the old copy
