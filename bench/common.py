@@ -86,6 +86,14 @@ def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, stat: Ca
     return stat(times)
 
 
+def fail(message: str) -> None:
+    """Bad input to a bench script: one line naming it (``bench/<script>: ...``) on stderr, exit status 2."""
+    import sys
+
+    print(f"bench/{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
