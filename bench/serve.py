@@ -9,8 +9,10 @@ tokenizer (aria_jax/cli/demo.py): random weights decode mostly to ids the tokeni
 tokens (the responses' ``usage``), not characters. Every request is greedy with its own prompt and
 ``max_tokens`` (all of them run to ``max_tokens`` unless an eos comes first). Columns: total generated tokens/s
 over the wall time of the whole run; p50 / p99 request latency; p50 time to first token (the server's: submission
-to first token, from its metrics); the speed-up over the sequential run. ``--quick``: the tiny demo model (no torch),
-1 and 4 clients, 8 requests of 8 tokens: a smoke run that the code works.
+to first token, from its metrics); the speed-up over the sequential run; the server's time in decode programs and in
+prefills, and per decode step (its metrics); every round's tokens/s. One server per ``--decode-steps`` value; the
+rows alternate for ``--rounds`` rounds and each keeps its best. ``--quick``: the tiny demo model (no torch), 1 and 4
+clients, 8 requests of 8 tokens, one round: a smoke run that the code works.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import MID_P2Q, build_mid_checkpoint, fail, print_table  # noqa: E402
+
+MAX_DECODE_STEPS = 64  # aria_jax.serve.engine's bound (imported there only after the arguments are checked)
 
 WORDS = "the quick brown fox jumps over the lazy dog describe the image in detail a cat on a sofa".split()
 
@@ -119,8 +123,8 @@ def main() -> None:
         fail(f"--decode-steps: expected comma-separated integers, got '{args.decode_steps}'")
     if not counts or min(counts) < 1 or args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
         fail("--clients, --requests, --max-tokens and --rounds must be positive")
-    if not step_counts or not all(1 <= k <= 64 for k in step_counts):
-        fail(f"--decode-steps: each must be in 1..64, got '{args.decode_steps}'")
+    if not step_counts or not all(1 <= k <= MAX_DECODE_STEPS for k in step_counts):
+        fail(f"--decode-steps: each must be in 1..{MAX_DECODE_STEPS}, got '{args.decode_steps}'")
 
     import openai
 

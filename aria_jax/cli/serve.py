@@ -11,7 +11,7 @@ from aria_jax.cli.generate import _load, add_model_arguments
 from aria_jax.errors import InputError
 from aria_jax.runtime import with_overrides
 from aria_jax.serve.app import MAX_BODY_BYTES, ServerConfig, create_app
-from aria_jax.serve.engine import Engine
+from aria_jax.serve.engine import MAX_DECODE_STEPS, Engine
 from aria_jax.serve.media import MediaPolicy
 from aria_jax.serve.protocol import MAX_VIDEO_FRAMES, Defaults
 
@@ -61,8 +61,8 @@ def check(args: argparse.Namespace) -> None:
         raise InputError(f"--max-seq-len must be >= 32, got {args.max_seq_len}")
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if not 1 <= args.decode_steps <= 64:
-        raise InputError(f"--decode-steps must be in 1..64, got {args.decode_steps}")
+    if not 1 <= args.decode_steps <= MAX_DECODE_STEPS:
+        raise InputError(f"--decode-steps must be in 1..{MAX_DECODE_STEPS}, got {args.decode_steps}")
     if not 1 <= args.video_frames <= MAX_VIDEO_FRAMES:
         raise InputError(f"--video-frames must be in 1..{MAX_VIDEO_FRAMES}, got {args.video_frames}")
     if args.max_body_bytes < 1024:

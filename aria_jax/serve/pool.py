@@ -1,6 +1,6 @@
 """The slot pool's compiled programs: ``rows`` KV-cache rows of ``slots`` slots each, every row at its own slot.
 
-Two kinds of program, and no others:
+Three kinds of program, and no others:
 
 - ``admit``: ``n`` prompts prefilled together (an n-row cache of the pool's length, left-padded to one bucket with
   positions from the mask as ``inference.generation.Decoder`` prefills, image features computed here once, prompts
@@ -10,8 +10,10 @@ Two kinds of program, and no others:
 - ``step``: every row advances up to ``count`` tokens (``count`` traced, at most ``max_steps``: several tokens per
   host round trip) at its own slot (``index`` one per row: ``model.kv_cache.cache_write``), each with its own
   temperature / top-p / seed (``serve.sampling``). A row stops inside the program at an eos id or at its token
-  budget (``limit``), exactly where the host's ``Generated`` ends it, so no row writes past its room. Compiled once.
-  Idle rows rewrite their current slot and stay put.
+  budget (``limit``), exactly where the host's ``Generated`` ends it, so no row writes past its room. Idle rows
+  rewrite their current slot and stay put. Compiled twice: for the pool's rows, and for a one-row pool where a lone
+  running row decodes (``small``).
+- ``move``: one row's state copied between the pool and the one-row pool (one compilation each way).
 
 ``traces`` counts the traces of each (a trace is a compilation): tests hold it after warm-up.
 """
@@ -118,11 +120,9 @@ class SlotPool:
         token = select_rows(logits, sampling.key, jnp.zeros((ids.shape[0],), jnp.int32), sampling.temperature,
                             sampling.top_p)
         index = jnp.full((ids.shape[0],), ids.shape[1], jnp.int32)
+        new = PoolState(cache, mask, position.astype(jnp.int32), index, token)
         for i in range(ids.shape[0]):  # prompt i into pool row rows[i]
-            put = functools.partial(_put_row, i=i, row=rows[i])
-            state = PoolState(cache=jax.tree.map(put, state.cache, cache), mask=put(state.mask, mask),
-                              position=put(state.position, position.astype(jnp.int32)),
-                              index=put(state.index, index), token=put(state.token, token))
+            state = jax.tree.map(functools.partial(_copy_row, src_row=i, dst_row=rows[i]), state, new)
         return state, token
 
     def _one_step(self, params, state: PoolState, active, steps, sampling: RowSampling):
@@ -155,13 +155,7 @@ class SlotPool:
 
     def _move_impl(self, dst: PoolState, src: PoolState, dst_row, src_row) -> PoolState:
         self.traces["move"] += 1
-
-        def move(to, source):
-            axis = to.ndim - 4 if to.ndim >= 4 else 0
-            row = jax.lax.dynamic_slice_in_dim(source, src_row, 1, axis=axis)
-            return jax.lax.dynamic_update_slice_in_dim(to, row, dst_row, axis=axis)
-
-        return jax.tree.map(move, dst, src)
+        return jax.tree.map(functools.partial(_copy_row, src_row=src_row, dst_row=dst_row), dst, src)
 
     # -- host side -----------------------------------------------------------------------------------------
     def admit(self, rows, ids, attention_mask, pixel_values, pixel_mask, sampling: RowSampling) -> list[int]:
@@ -207,8 +201,9 @@ class SlotPool:
             self.state = self._move(self.state, self.small, jnp.int32(self.single), jnp.int32(0))
             self.single = None
 
-def _put_row(pool: jax.Array, new: jax.Array, i: int, row: jax.Array) -> jax.Array:
-    """``pool`` with its row ``row`` set to row ``i`` of ``new``: the batch axis is -4 of a cache leaf, else 0."""
-    axis = pool.ndim - 4 if pool.ndim >= 4 else 0
-    one = jax.lax.slice_in_dim(new, i, i + 1, axis=axis).astype(pool.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(pool, one, row, axis=axis)
+def _copy_row(to: jax.Array, source: jax.Array, src_row, dst_row) -> jax.Array:
+    """``to`` with its row ``dst_row`` set to row ``src_row`` of ``source`` (static or traced): the batch axis is -4
+    of a cache leaf, else 0."""
+    axis = to.ndim - 4 if to.ndim >= 4 else 0
+    row = jax.lax.dynamic_slice_in_dim(source, src_row, 1, axis=axis).astype(to.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(to, row, dst_row, axis=axis)

@@ -73,7 +73,7 @@ def test_waiting_text_prompts_prefill_together_and_reply_as_alone(tiny_model, re
             assert request.generated.tokens == tokens
             assert text_of(pieces) == alone
         assert dict(engine.pool.traces) == {"admit": 2, "step": 2, "move": 2}  # all four in one prefill of the longest bucket
-        assert engine.metrics.steps <= 5 + 2  # 5 tokens after the first one, several per program
+        assert engine.metrics.steps <= 5 + 2  # the four rows decode together: ~5 steps for 5 more tokens, not 4 x 5
     finally:
         engine.stop()
 
