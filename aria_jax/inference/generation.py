@@ -49,6 +49,38 @@ def prefill_chunk_tokens(batch: int, heads: int, slots: int, limit: int = PREFIL
     return min(limit, max(MIN_PREFILL_CHUNK, PREFILL_SCORE_BYTES // (batch * heads * slots * 4)))
 
 
+def prefill_cache(module: AriaModel, params, input_ids: jax.Array, attention_mask: jax.Array, pixel_values,
+                  pixel_mask, *, cache_len: int, prefill_chunk: int = PREFILL_CHUNK, kv_int8: bool = False
+                  ) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+    """A prompt (B, P) run into a fresh cache of ``cache_len`` slots, inside one program: (cache, the last prompt
+    token's logits (B, V), the cache mask (B, cache_len), the last prompt position (B,)). A prompt longer than
+    ``prefill_chunk_tokens`` allows runs in ceil(P / most) equal chunks: all but the last in a loop, then the last,
+    ending at P (when they do not divide P, it overlaps the one before and rewrites its keys with the same values)."""
+    b, p = input_ids.shape
+    positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    cache = init_cache(module.config.text, b, cache_len, module.dtype, module.layout != "stacked", kv_int8)
+    mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
+    most = prefill_chunk_tokens(b, module.config.text.num_attention_heads, cache_len, prefill_chunk,
+                                module.runtime.attention == "flash")
+    if p <= most:
+        output = module.apply({"params": params}, input_ids, mask, pixel_values, pixel_mask, positions=positions,
+                              cache=cache, index=0, last_only=True)  # index a Python int: a kernel may skip the cache
+        return output.cache, output.logits[:, 0], mask, positions[:, -1]
+    count = -(-p // most)
+    chunk = -(-p // count)
+    embeds = module.apply({"params": params}, input_ids, pixel_values, pixel_mask, method="embed")
+
+    def decode(start, cache, last_only: bool):
+        piece = jax.lax.dynamic_slice_in_dim(embeds, start, chunk, axis=1)
+        where = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
+        return module.apply({"params": params}, piece, where, mask, cache, start, last_only, last_only,
+                            method=lambda module, *args: module.language_model(*args))
+
+    cache = jax.lax.fori_loop(0, count - 1, lambda i, cache: decode(i * chunk, cache, False)[3], cache)
+    _, logits, _, cache = decode(p - chunk, cache, True)
+    return cache, logits[:, 0], mask, positions[:, -1]
+
+
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """``n`` rounded up to a quarter of its power of two (16, 20, 24, 28, 32, 40, ... 128, 160, 192, ...), at least
     ``minimum``: four compiled lengths per octave, at most 25% padding (a power-of-two bucket wastes up to 50%)."""
@@ -180,38 +212,10 @@ class Decoder:
     def _prefill_impl(self, params, input_ids, attention_mask, pixel_values, pixel_mask, key, limit=None,
                       min_new=None, *, cache_len: int, sampling: SamplingConfig, rule: StopRule,
                       kv_int8: bool = False) -> DecodeState:
-        b, p = input_ids.shape
-        positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        per_layer = self.module.layout != "stacked"
-        cache = init_cache(self.module.config.text, b, cache_len, self.module.dtype, per_layer, kv_int8)
-        mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
-        most = prefill_chunk_tokens(b, self.module.config.text.num_attention_heads, cache_len, self.prefill_chunk,
-                                    self.module.runtime.attention == "flash")
-        if p <= most:
-            output = self.module.apply(
-                {"params": params}, input_ids, mask, pixel_values, pixel_mask, positions=positions,
-                cache=cache, index=0, last_only=True,  # a Python int: a kernel may skip the cache
-            )
-            cache, logits = output.cache, output.logits
-        else:  # ceil(p / most) equal chunks: all but the last in a loop, then the last one, ending at p (when
-            # they do not divide p, it overlaps the one before and rewrites its keys with the same values)
-            count = -(-p // most)
-            chunk = -(-p // count)
-            embeds = self.module.apply({"params": params}, input_ids, pixel_values, pixel_mask, method="embed")
-
-            def decode(start, cache, last_only: bool):
-                piece = jax.lax.dynamic_slice_in_dim(embeds, start, chunk, axis=1)
-                where = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
-                return self.module.apply(
-                    {"params": params}, piece, where, mask, cache, start, last_only, last_only,
-                    method=lambda module, *args: module.language_model(*args),
-                )
-
-            cache = jax.lax.fori_loop(
-                0, count - 1, lambda i, cache: decode(i * chunk, cache, False)[3], cache
-            )
-            _, logits, _, cache = decode(p - chunk, cache, True)
-        return self._begin_impl(cache, mask, positions[:, -1], jnp.int32(p), logits[:, 0], key, limit, min_new,
+        cache, logits, mask, position = prefill_cache(
+            self.module, params, input_ids, attention_mask, pixel_values, pixel_mask, cache_len=cache_len,
+            prefill_chunk=self.prefill_chunk, kv_int8=kv_int8)
+        return self._begin_impl(cache, mask, position, jnp.int32(input_ids.shape[1]), logits, key, limit, min_new,
                                 sampling=sampling, rule=rule)
 
     def _begin_impl(self, cache, mask, position, index, logits, key, limit=None, min_new=None, *,

@@ -92,8 +92,8 @@ def lora_delta(module: nn.Module, name: str, x: jax.Array, n_in: int) -> jax.Arr
     if pair is None:
         return 0
     a, b = pair
-    h = jnp.tensordot(lora_input(module, x), a.astype(x.dtype), n_in)
-    return jnp.tensordot(h, b.astype(x.dtype), 1)
+    h = project(lora_input(module, x), a.astype(x.dtype), n_in)
+    return project(h, b.astype(x.dtype))
 
 
 class Linear(nn.Module):

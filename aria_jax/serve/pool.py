@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aria_jax.inference.generation import PREFILL_CHUNK, prefill_chunk_tokens
+from aria_jax.inference.generation import PREFILL_CHUNK, prefill_cache
 from aria_jax.model.aria import AriaModel
 from aria_jax.model.kv_cache import KVCache, init_cache
 from aria_jax.serve.sampling import select_rows
@@ -86,37 +86,12 @@ class SlotPool:
         return any(x.is_deleted() for x in jax.tree.leaves((self.state, self.small)))
 
     # -- programs ------------------------------------------------------------------------------------------
-    def _prefill(self, params, ids, attention_mask, pixel_values, pixel_mask):
-        """One row's cache (of the pool's slots) and last logits (1, V), as ``Decoder`` prefills."""
-        m = self.module
-        b, p = ids.shape
-        positions = jnp.where(attention_mask > 0, jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        cache = init_cache(m.config.text, b, self.slots, m.dtype, m.layout != "stacked", self.kv_int8)
-        mask = jnp.zeros((b, self.slots), jnp.int32).at[:, :p].set(attention_mask)
-        most = prefill_chunk_tokens(b, m.config.text.num_attention_heads, self.slots, self.prefill_chunk,
-                                    m.runtime.attention == "flash")
-        if p <= most:
-            out = m.apply({"params": params}, ids, mask, pixel_values, pixel_mask, positions=positions,
-                          cache=cache, index=0, last_only=True)
-            return out.cache, out.logits[:, 0], mask, positions[:, -1]
-        count = -(-p // most)
-        chunk = -(-p // count)
-        embeds = m.apply({"params": params}, ids, pixel_values, pixel_mask, method="embed")
-
-        def decode(start, cache, last_only: bool):
-            piece = jax.lax.dynamic_slice_in_dim(embeds, start, chunk, axis=1)
-            where = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
-            return m.apply({"params": params}, piece, where, mask, cache, start, last_only, last_only,
-                           method=lambda module, *args: module.language_model(*args))
-
-        cache = jax.lax.fori_loop(0, count - 1, lambda i, cache: decode(i * chunk, cache, False)[3], cache)
-        _, logits, _, cache = decode(p - chunk, cache, True)
-        return cache, logits[:, 0], mask, positions[:, -1]
-
     def _admit_impl(self, params, state: PoolState, rows, ids, attention_mask, pixel_values, pixel_mask,
                     sampling: RowSampling):
         self.traces["admit"] += 1
-        cache, logits, mask, position = self._prefill(params, ids, attention_mask, pixel_values, pixel_mask)
+        cache, logits, mask, position = prefill_cache(self.module, params, ids, attention_mask, pixel_values,
+                                                      pixel_mask, cache_len=self.slots,
+                                                      prefill_chunk=self.prefill_chunk, kv_int8=self.kv_int8)
         token = select_rows(logits, sampling.key, jnp.zeros((ids.shape[0],), jnp.int32), sampling.temperature,
                             sampling.top_p)
         index = jnp.full((ids.shape[0],), ids.shape[1], jnp.int32)
