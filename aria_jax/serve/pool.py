@@ -3,10 +3,10 @@
 Three kinds of program, and no others:
 
 - ``admit``: ``n`` prompts prefilled together (an n-row cache of the pool's length, left-padded to one bucket with
-  positions from the mask as ``inference.generation.Decoder`` prefills, image features computed here once, prompts
-  over the prefill chunk in chunks over the cache), their first tokens chosen, and the rows copied into the pool at
-  the given rows (the batch axis, -4 of every cache leaf). One compilation per (prompt bucket, n) (and image batch
-  shape): the engine batches text prompts in powers of two.
+  positions from the mask, by the Decoder's own ``inference.generation.prefill_cache``: image features computed
+  once, prompts over the prefill chunk in chunks over the cache), their first tokens chosen, and the rows copied
+  into the pool at the given rows (the batch axis, -4 of every cache leaf). One compilation per (prompt bucket, n)
+  (and image batch shape): the engine batches text prompts in powers of two.
 - ``step``: every row advances up to ``count`` tokens (``count`` traced, at most ``max_steps``: several tokens per
   host round trip) at its own slot (``index`` one per row: ``model.kv_cache.cache_write``), each with its own
   temperature / top-p / seed (``serve.sampling``). A row stops inside the program at an eos id or at its token
