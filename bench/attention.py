@@ -25,17 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # aria_jax from this checkout where it is not installed
 
+from common import fail, positive_ints  # noqa: E402
+
 IMPLS = ("einsum", "flash", "torch")
-
-
-def _ints(flag: str, text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        _fail(f"{flag}: '{text}' is not a comma-separated list of integers")
-    if not values or min(values) < 1:
-        _fail(f"{flag}: '{text}' needs positive integers")
-    return values
 
 
 def _blocks(text: str) -> list[tuple[int, int]]:
@@ -43,7 +35,7 @@ def _blocks(text: str) -> list[tuple[int, int]]:
     for item in text.split(","):
         q, _, k = item.partition("x")
         if not (q.isdigit() and k.isdigit()) or int(q) < 1 or int(k) < 1:
-            _fail(f"--blocks: '{item}' is not BLOCK_QxBLOCK_K with positive integers (e.g. 256x256)")
+            fail(f"--blocks: '{item}' is not BLOCK_QxBLOCK_K with positive integers (e.g. 256x256)")
         out.append((int(q), int(k)))
     return out
 
@@ -146,7 +138,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = _fail  # one line and exit status 2, not argparse's usage block
+    parser.error = fail  # one line and exit status 2, not argparse's usage block
     parser.add_argument("--seq", default="1024,2048,4096", help="sequence lengths T (comma-separated)")
     parser.add_argument("--heads", type=int, default=16, help="query heads N")
     parser.add_argument("--kv-heads", default="16,4", help="key/value heads K (comma-separated; divide N)")
@@ -166,16 +158,17 @@ def main(argv=None) -> None:
     if args.child:
         return _child(args)
     if args.heads < 1 or args.repeats < 1:
-        _fail(f"--heads {args.heads} / --repeats {args.repeats}: both must be positive")
-    seqs, kvs, hds = _ints("--seq", args.seq), _ints("--kv-heads", args.kv_heads), _ints("--head-dim", args.head_dim)
+        fail(f"--heads {args.heads} / --repeats {args.repeats}: both must be positive")
+    seqs, kvs = positive_ints("--seq", args.seq), positive_ints("--kv-heads", args.kv_heads)
+    hds = positive_ints("--head-dim", args.head_dim)
     bad = [kv for kv in kvs if args.heads % kv]
     if bad:
-        _fail(f"--kv-heads: {bad[0]} does not divide --heads {args.heads}")
+        fail(f"--kv-heads: {bad[0]} does not divide --heads {args.heads}")
     impls = [i for i in args.impl.split(",") if i]
     unknown = [i for i in impls if i not in IMPLS]
     if unknown or not impls:
         name = unknown[0] if unknown else args.impl
-        _fail(f"--impl: unknown implementation '{name}'; choose from {', '.join(IMPLS)}")
+        fail(f"--impl: unknown implementation '{name}'; choose from {', '.join(IMPLS)}")
     from aria_jax.kernels.flash_attention import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 
     blocks = _blocks(args.blocks) if args.blocks else [(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)]
@@ -221,11 +214,6 @@ def _speedups(rows: list[dict]) -> None:
                 r[f"vs torch {col[:-3]}"] = f"{float(ref[col]) / float(r[col]):.2f}x"
             except (TypeError, KeyError, ValueError):
                 pass
-
-
-def _fail(message: str) -> None:
-    print(f"bench/attention.py: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

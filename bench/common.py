@@ -94,6 +94,17 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def positive_ints(flag: str, text: str) -> list[int]:
+    """A comma-separated list of positive integers for ``flag``, or ``fail`` naming the flag and the text."""
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        fail(f"{flag}: '{text}' is not a comma-separated list of integers")
+    if not values or min(values) < 1:
+        fail(f"{flag}: '{text}' needs positive integers")
+    return values
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))

@@ -27,19 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # aria_jax from this checkout where it is not installed
 
-from common import fail  # noqa: E402
+from common import fail, positive_ints  # noqa: E402
 
 FORMS = ("matvec", "matmul", "split", "reduce")
-
-
-def _ints(flag: str, text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        fail(f"{flag}: '{text}' is not a comma-separated list of integers")
-    if not values or min(values) < 1:
-        fail(f"{flag}: '{text}' needs positive integers")
-    return values
 
 
 def build(form: str, options: dict):
@@ -81,8 +71,9 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,3,4", help="rows per expert, comma-separated (default 1,2,3,4)")
     parser.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.error = fail  # one line and exit status 2, not argparse's usage block
     args = parser.parse_args()
-    rows = _ints("--rows", args.rows)
+    rows = positive_ints("--rows", args.rows)
     forms = [f for f in args.forms.split(",") if f]
     if not forms or any(f not in FORMS for f in forms):
         fail(f"--forms: '{args.forms}' must name some of {', '.join(FORMS)}")

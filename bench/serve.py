@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import MID_P2Q, build_mid_checkpoint, fail, print_table  # noqa: E402
+from common import MID_P2Q, build_mid_checkpoint, fail, positive_ints, print_table  # noqa: E402
 
 MAX_DECODE_STEPS = 64  # aria_jax.serve.engine's bound (imported there only after the arguments are checked)
 
@@ -99,6 +99,7 @@ def row(name: str, run: dict, base: dict | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # one line and exit status 2, not argparse's usage block
     parser.add_argument("--model", default=None, help="a model directory with a tokenizer (default: the mid model)")
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--requests", type=int, default=32, help="requests per row (at least the clients)")
@@ -113,17 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests, args.max_tokens, args.max_seq_len, args.rounds = "1,4", 8, 8, 128, 1
-    try:
-        counts = [int(c) for c in args.clients.split(",") if c]
-    except ValueError:
-        fail(f"--clients: expected comma-separated integers, got '{args.clients}'")
-    try:
-        step_counts = [int(c) for c in args.decode_steps.split(",") if c]
-    except ValueError:
-        fail(f"--decode-steps: expected comma-separated integers, got '{args.decode_steps}'")
-    if not counts or min(counts) < 1 or args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
-        fail("--clients, --requests, --max-tokens and --rounds must be positive")
-    if not step_counts or not all(1 <= k <= MAX_DECODE_STEPS for k in step_counts):
+    counts = positive_ints("--clients", args.clients)
+    step_counts = positive_ints("--decode-steps", args.decode_steps)
+    if args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
+        fail("--requests, --max-tokens and --rounds must be positive")
+    if max(step_counts) > MAX_DECODE_STEPS:
         fail(f"--decode-steps: each must be in 1..{MAX_DECODE_STEPS}, got '{args.decode_steps}'")
 
     import openai

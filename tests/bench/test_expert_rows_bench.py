@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 def test_bad_arguments_exit_2_with_one_line():
     for args, named in ((["--rows", "1,x"], "1,x"), (["--rows", "0"], "--rows"), (["--forms", "gemv"], "gemv"),
-                        (["--hidden", "7"], "--hidden")):
+                        (["--hidden", "7"], "--hidden"), (["--repeats", "x"], "--repeats")):
         done = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()

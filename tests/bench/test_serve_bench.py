@@ -13,7 +13,7 @@ SCRIPT = os.path.join(REPO, "bench", "serve.py")
 def test_bad_arguments_exit_2_with_one_line():
     for args, named in ((["--clients", "1,x"], "1,x"), (["--clients", "0"], "--clients"),
                         (["--rounds", "0"], "--rounds"), (["--decode-steps", "0"], "--decode-steps"),
-                        (["--decode-steps", "a"], "'a'")):
+                        (["--decode-steps", "a"], "'a'"), (["--requests", "x"], "--requests")):
         done = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
