@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
 
 from aria_jax.errors import InputError, one_line
@@ -68,6 +69,50 @@ def reporters(report_to: list[str], log: Callable[[str], None] = print) -> tuple
     return fallback or bool(names & {"tensorboard", "all"}), wandb
 
 
+class TensorBoardEvents:
+    """Scalars in a TensorBoard event file in ``directory``, written and fsynced in the caller's thread.
+
+    Written by hand around tensorboardX's synchronous ``EventsWriter`` (its record format and protos) rather than its
+    ``SummaryWriter``: that one writes from a background thread and flushes again at interpreter exit, so a full disk
+    surfaced as a traceback from the thread or the exit hook, or as an OSError naming no file from ``close`` that hid
+    the error that ended the run. Here a failed write or close is an OSError naming ``directory``.
+    """
+
+    def __init__(self, directory: str):
+        # imported here: tensorboardX imports torch when installed (~190 MB of RSS and its OpenMP threads in
+        # every process that merely imports the trainer; measured in bench/README.md, issue 19)
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        self.directory = directory
+        self._event, self._scalar = Event, scalar
+        with self._naming_directory():
+            os.makedirs(directory, exist_ok=True)
+            self._writer = EventsWriter(os.path.join(directory, "events"))
+            self._writer.flush()
+
+    @contextlib.contextmanager
+    def _naming_directory(self):
+        try:
+            yield
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.directory) from None
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """One event holding every scalar at ``step``, on disk when this returns."""
+        event = self._event(wall_time=time.time(), step=step)
+        for name, value in scalars.items():
+            event.summary.value.extend(self._scalar(name, value).value)
+        with self._naming_directory():
+            self._writer.write_event(event)
+            self._writer.flush()
+
+    def close(self) -> None:
+        with self._naming_directory():
+            self._writer.close()
+
+
 class MetricsLog:
     """metrics.jsonl + the ``report_to`` integrations in output_dir; on resume the JSONL is cut back to the restored
     step (lines that do not parse, e.g. one cut short by a full disk, are dropped).
@@ -94,11 +139,7 @@ class MetricsLog:
                 kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
             write_atomic(self.path, b"".join(kept))
         if tensorboard:
-            # imported here: tensorboardX imports torch when installed (~190 MB of RSS and its OpenMP threads in
-            # every process that merely imports the trainer; measured in bench/README.md, issue 19)
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(self.tb_dir)
+            self.tb = TensorBoardEvents(self.tb_dir)
         if wandb is not None:
             try:
                 self.wandb_run = wandb.init(**(wandb_init or {}))
@@ -121,22 +162,24 @@ class MetricsLog:
         scalars = {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v for k, v in record.items()
                    if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
         if self.tb is not None:
-            try:
-                for k, v in scalars.items():
-                    self.tb.add_scalar(k, v, record["step"])
-                self.tb.flush()
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, self.tb_dir) from None
+            self.tb.add_scalars(scalars, record["step"])
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=record["step"])
 
-    def close(self) -> None:
-        if self.tb is not None:
-            tb, self.tb = self.tb, None
-            tb.close()
-        if self.wandb_run is not None:
-            run, self.wandb_run = self.wandb_run, None
-            run.finish()
+    def close(self, quietly: bool = False) -> None:
+        """Close the integrations; ``quietly`` (a run already failing) drops their errors so the first one stands."""
+        tb, self.tb = self.tb, None
+        run, self.wandb_run = self.wandb_run, None
+        try:
+            if tb is not None:
+                tb.close()
+        except OSError:
+            if not quietly:
+                raise
+        finally:
+            if run is not None:
+                with contextlib.suppress(Exception) if quietly else contextlib.nullcontext():
+                    run.finish()
 
 
 def _step_of(line: bytes) -> int | None:

@@ -441,10 +441,10 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         except BaseException:
             if manager is not None:
                 ckpt.close_quietly(manager)
-            raise
-        finally:
             if metrics_log is not None:
-                metrics_log.close()
+                metrics_log.close(quietly=True)  # the error that ended the run is the one reported
+            raise
+        metrics_log.close()
         if manager is not None:
             manager.close()
     if cfg.export:

@@ -1,13 +1,29 @@
 """bench/expert_rows.py, the few-rows-per-expert probe: its command line, and a run on tiny experts whose forms all
 agree with each other (the probe times kernels that must compute the same thing)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "bench", "expert_rows.py")
-sys.path.insert(0, os.path.join(REPO, "bench"))
+
+
+def load_script():
+    """bench/expert_rows.py as a module under a name of its own, importing bench/common.py even where another `common`
+    is cached; sys.path and sys.modules are as before afterwards (a one-process run imports every test directory)."""
+    path, cached = list(sys.path), sys.modules.pop("common", None)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_expert_rows", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path[:] = path
+        sys.modules.pop("common", None)
+        if cached is not None:
+            sys.modules["common"] = cached
 
 
 def test_bad_arguments_exit_2_with_one_line():
@@ -20,7 +36,6 @@ def test_bad_arguments_exit_2_with_one_line():
 
 
 def test_every_form_computes_the_same_experts():
-    import expert_rows
     import jax.numpy as jnp
     import numpy as np
 
@@ -31,6 +46,7 @@ def test_every_form_computes_the_same_experts():
     h = np.einsum("erd,edf->erf", np.asarray(x, np.float64), np.stack(gate_up).astype(np.float64))
     act = h[..., :12] / (1 + np.exp(-h[..., :12])) * h[..., 12:]
     want = np.einsum("erf,efd->erd", act, np.stack(down).astype(np.float64))
+    expert_rows = load_script()
     for form in expert_rows.FORMS:
         got = np.asarray(expert_rows.build(form, {})(x, gate_up, down)).reshape(want.shape)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=form)

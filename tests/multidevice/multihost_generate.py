@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from common import batch  # noqa: E402
+from mesh_fixtures import batch  # noqa: E402
 
 from aria_jax import Aria  # noqa: E402
 from aria_jax.parallel import distributed  # noqa: E402

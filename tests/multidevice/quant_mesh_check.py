@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from common import batch, make_checkpoint, rel  # noqa: E402
+from mesh_fixtures import batch, make_checkpoint, rel  # noqa: E402
 
 from aria_jax import Aria  # noqa: E402
 from aria_jax.runtime import detect  # noqa: E402

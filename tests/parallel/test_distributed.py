@@ -12,7 +12,7 @@ import pytest
 HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multidevice")
 sys.path.insert(0, HERE)
 
-from common import batch, loss_fn, make_checkpoint, rel  # noqa: E402
+from mesh_fixtures import batch, loss_fn, make_checkpoint, rel  # noqa: E402
 
 from aria_jax import Aria  # noqa: E402
 from aria_jax.parallel import distributed  # noqa: E402

@@ -327,6 +327,34 @@ def test_full_disk_mid_run_is_one_line_and_resume_trusts_only_complete_checkpoin
         assert sorted(p for p in os.listdir(out / "checkpoints") if p.isdigit()) == ["2", "4", "6"]
 
 
+def test_a_full_disk_reported_by_the_checkpoint_is_not_hidden_by_the_events_file(tmp_path, capsys, monkeypatch):
+    """The save of step 4 fails on a full disk, and so does every TensorBoard flush after it (an OSError naming no
+    file, as tensorboardX reports it): the one line names the checkpoints directory that failed first."""
+    import orbax.checkpoint as ocp
+    from tensorboardX.event_file_writer import EventsWriter
+
+    out = tmp_path / "run"
+    full = []
+    real_save, real_flush = ocp.CheckpointManager.save, EventsWriter.flush
+
+    def save(self, step, *a, **k):
+        if step >= 4:
+            full.append(step)
+            raise ValueError(f"RESOURCE_EXHAUSTED: Error writing in {self.directory}: Failed to write: "
+                             "No space left on device [os_error_code='28']")
+        return real_save(self, step, *a, **k)
+
+    def flush(self):
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_flush(self)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    monkeypatch.setattr(EventsWriter, "flush", flush)
+    fails(capsys, tiny_args(out, "max_steps=6", "save_steps=2", "save_total_limit=null"),
+          str(out / "checkpoints"), "No space left on device")
+
+
 @pytest.mark.slow
 def test_full_disk_in_a_real_process_prints_one_line(tmp_path):
     """As above, in a process of its own: what Orbax's background writes report as they fail (absl errors, and

@@ -1,4 +1,5 @@
-"""Shared by the multi-device scripts: a checkpoint, a batch, and a loss whose gradients are compared."""
+"""Shared by the multi-device scripts (named apart from bench/common.py: one pytest process imports both): a checkpoint, a
+batch, and a loss whose gradients are compared."""
 
 import os
 import sys
