@@ -18,7 +18,8 @@ def read_events(directory) -> list:
 
     events = []
     for name in sorted(os.listdir(directory)):
-        data = open(os.path.join(directory, name), "rb").read()
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
         at = 0
         while at < len(data):
             (size,) = struct.unpack("<Q", data[at:at + 8])
