@@ -63,9 +63,45 @@ if not HAVE_REFERENCE and not any(type(f).__name__ == SkipWithoutReference.__nam
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "torch: needs torch and transformers (skipped where they are not installed)")
+    config.addinivalue_line("markers", "each_value_once: of a parametrized test's cases, the default run keeps a few "
+                            "that together show each value of each parameter; the others are `slow`")
 
 
+def axis_values(case) -> list[tuple]:
+    """(names, values) of each parametrize axis of a case; names given together ("fmt,packed") are one axis."""
+    out = []
+    for mark in case.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = tuple(n.strip() for n in names.split(",")) if isinstance(names, str) else tuple(names)
+        out.append((names, repr(tuple(case.callspec.params[n] for n in names))))
+    return out
+
+
+def each_value_once(items) -> None:
+    """For each test marked ``each_value_once``: keep the fewest cases, picked greedily (the case showing the most
+    parameter values not yet shown, the earliest on ties), that show every value of every parameter; mark the others
+    `slow`. A product (backends x formats x sizes) then costs the default run about as many cases as its longest
+    axis, its values mixed along a diagonal; `-m slow` runs the rest of the product."""
+    groups = {}
+    for item in items:
+        if item.get_closest_marker("each_value_once") is not None and hasattr(item, "callspec"):
+            groups.setdefault(item.function, []).append(item)
+    for cases in groups.values():
+        values = {case: set(axis_values(case)) for case in cases}
+        shown, left = set(), list(cases)
+        while left:
+            best = max(left, key=lambda case: len(values[case] - shown))  # max() keeps the earliest on ties
+            if not values[best] - shown:
+                break
+            shown |= values[best]
+            left.remove(best)
+        for case in left:
+            case.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by mark (`-m 'not slow'`)
 def pytest_collection_modifyitems(config, items):
+    each_value_once(items)
     if HAVE_REFERENCE:
         return
     skip = pytest.mark.skip(reason="needs torch and transformers (the reference), not installed")

@@ -49,7 +49,7 @@ def _export(lora, directory, **cfg):
     return export_adapter(lora, RULES, recipe, str(directory))
 
 
-@pytest.mark.parametrize("name", ["gqa", "mha"])
+@pytest.mark.parametrize("name", ["gqa", pytest.param("mha", marks=pytest.mark.slow)])  # mha: the long run only
 def test_peft_loads_our_adapter_with_our_logits(aria_model, checkpoint, tmp_path, name):
     model = aria_model(name)
     base = model.stacked_params()
@@ -86,7 +86,7 @@ PEFT_TARGETS = (r".*(self_attn\.(q|k|v|o|out)_proj|mlp\.fc[12]|shared_experts\.(
                 r"|cross_attn\.(q_proj|k_proj|v_proj|linear)|feed_forward\.linear_(in|out)|lm_head)$")
 
 
-@pytest.mark.parametrize("name", ["gqa", "top1"])
+@pytest.mark.parametrize("name", [pytest.param("gqa", marks=pytest.mark.slow), "top1"])
 def test_we_load_a_peft_adapter_with_peft_logits(checkpoint, tmp_path, name):
     torch.manual_seed(1)
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=PEFT_TARGETS,

@@ -31,6 +31,7 @@ def test_meshes_equal_one_device_and_transformers():
     assert out.strip().endswith("OK") and out.count("grads") == 4
 
 
+@pytest.mark.slow  # the meshes of the float model run by default (test_meshes_equal_one_device_and_transformers)
 @pytest.mark.torch  # the script builds its checkpoint with transformers
 def test_quantized_weights_on_meshes_equal_one_device():
     """int8 and packed int4 expert stacks split over the expert axis (and tensor/data axes): logits <= 1e-5 of one

@@ -38,6 +38,7 @@ def split(chunks):
 VARIANTS = {"stacked": grouped_mlp, "split": split(CHUNKS), "split_rows": split((1,))}
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("case", sorted(SIZES))
 def test_forward_and_gradients_match_reference(case, variant):

@@ -80,6 +80,7 @@ def _weights(kind: str, gate_up, down):
     return qg, qd, dense(qg), dense(qd)
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", ["pallas", "megablox", "tokamax"])
 def test_backend_equals_dense_values_and_gradients(backend, kind):
@@ -102,6 +103,7 @@ def test_backend_equals_dense_values_and_gradients(backend, kind):
         assert rel_err(a, b) <= 1e-5
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("kind", ["float32", "int4-packed"])
 @pytest.mark.parametrize("backend", ["pallas", "megablox", "tokamax"])
 def test_backend_runs_lora_unmerged_with_the_gradients_of_the_merged_reference(backend, kind):

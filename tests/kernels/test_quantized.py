@@ -61,6 +61,7 @@ def test_int4_groups_a_k_that_128_does_not_divide():
         quant.QuantSpec("int3")
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("fmt,packed", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("fused_rows", [0, 16])
@@ -86,6 +87,7 @@ def routed_case(t: int, e: int = 6, d: int = 256, f: int = 64, k: int = 2, seed:
     return x, weights, ids, gate_up, down
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("fmt,packed", FORMATS)
 @pytest.mark.parametrize("backend", ["gather", "blocked", "ragged", "dense", "auto"])
 @pytest.mark.parametrize("t", [1, 4, 37])

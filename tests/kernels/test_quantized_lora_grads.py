@@ -50,6 +50,7 @@ def assert_close(grads: dict, ref: dict, tol: float) -> None:
             assert err <= tol, (site, name, err)
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("fmt,packed", FORMATS)
 @pytest.mark.parametrize("backend", sorted(ex.available_backends()))
 @pytest.mark.parametrize("fused_rows", [0, 16])

@@ -17,6 +17,7 @@ def hf_logits(model, **batch) -> np.ndarray:
         return model(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits.float().numpy()
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_text_logits_left_padded(name, layout, hf_model, aria_model):
@@ -28,6 +29,7 @@ def test_text_logits_left_padded(name, layout, hf_model, aria_model):
     assert rel_err(out[valid], ref[valid]) <= TOL
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_image_text_logits_partially_masked_images(name, layout, hf_model, aria_model):

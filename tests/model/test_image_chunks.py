@@ -67,6 +67,7 @@ def test_chunk_size_follows_the_budget():
     assert image_chunk_size(cfg, 1225, 2, 1 << 40, 7) == 7  # never more than the images there are
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4])
 @pytest.mark.parametrize("masked", [True, False])
 def test_chunked_features_equal_one_batch(aria_model, chunk, masked):

@@ -29,6 +29,7 @@ def test_router_topk_then_softmax_over_selected(name, hf_model, aria_model):
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("backend", sorted(("auto", *available_backends())))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_moe_layer_matches_transformers(name, backend, hf_model, aria_model):

@@ -46,6 +46,7 @@ def test_patch_mask_any_valid_pixel():
     np.testing.assert_array_equal(np.asarray(patch_attention_mask(mask, 14))[0], [[True, False], [True, False]])
 
 
+@pytest.mark.each_value_once
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("chunked", [False, True])

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # the model on meshes runs by default in tests/kernels/test_expert_parallel.py and tests/parallel
 def test_the_engine_on_a_mesh_replies_as_one_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, os.path.join(HERE, "multidevice", "serve_mesh_check.py")],

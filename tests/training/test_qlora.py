@@ -72,8 +72,9 @@ def random_b(lora: dict, seed: int = 1) -> dict:
                                          for (p, v), k in zip(sorted(flat.items()), keys, strict=True)})
 
 
-@pytest.mark.parametrize("fmt,targets", [("int8", TARGETS), ("int4", [t for t in TARGETS if t != "lm_head"])],
-                         ids=["int8-lm_head_pair", "int4-fused_lm_head"])
+@pytest.mark.parametrize("fmt,targets", [pytest.param("int8", TARGETS, id="int8-lm_head_pair", marks=pytest.mark.slow),
+                                         pytest.param("int4", [t for t in TARGETS if t != "lm_head"],
+                                                      id="int4-fused_lm_head")])
 def test_objective_and_lora_gradients_over_a_quantized_base_equal_the_dequantized_base(tiny_base, fmt, targets):
     config, float_params = tiny_base
     quantized = quantized_base(float_params, fmt)
