@@ -40,7 +40,8 @@ def run_row(model, ids, cache_len, kv_int8, steps, apply):
     return np.stack([np.asarray(x[0]) for x in logits]), cache
 
 
-@pytest.mark.parametrize("layout,kv_int8", [("stacked", False), ("per_layer", False), ("stacked", True)])
+@pytest.mark.parametrize("layout,kv_int8", [("stacked", False), pytest.param("per_layer", False, marks=pytest.mark.slow),
+                                            ("stacked", True)])
 def test_rows_at_their_own_slots_match_each_row_alone(layout, kv_int8):
     model = Aria.from_config(TINY, seed=0, dtype="float32", runtime=Runtime("cpu", experts="dense", layout=layout))
     m = model.module

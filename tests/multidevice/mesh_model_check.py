@@ -1,4 +1,6 @@
-"""8 CPU devices: logits, greedy tokens and gradients on several meshes equal one device and transformers."""
+"""8 CPU devices: logits, greedy tokens and gradients on several meshes equal one device and transformers.
+
+Usage: mesh_model_check.py [MESH ...] (default: the four below)."""
 
 import os
 import sys
@@ -29,7 +31,7 @@ grad = jax.jit(jax.grad(loss_fn(single.module)))
 ref_grads = grad(single.params, *(b[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_mask")))
 assert rel(ref_logits[valid], hf_logits[valid]) <= 1e-4
 
-for spec in ("expert=8", "data=2,expert=4", "expert=4,tensor=2", "data=8"):
+for spec in sys.argv[1:] or ("expert=8", "data=2,expert=4", "expert=4,tensor=2", "data=8"):
     model = Aria.from_pretrained(directory, dtype="float32", mesh=spec)
     gate_up = model.params["language_model"]["layers"]["mlp"]["gate_up"]
     assert len(gate_up.sharding.device_set) == 8 if "expert" in spec else True

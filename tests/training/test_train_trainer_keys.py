@@ -244,7 +244,7 @@ def test_report_to_wandb_and_env(tmp_path, monkeypatch, capsys):
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
 
 
-@pytest.mark.parametrize("level, printed", [("warning", True), ("error", False)])
+@pytest.mark.parametrize("level, printed", [("warning", True), pytest.param("error", False, marks=pytest.mark.slow)])
 def test_report_to_wandb_without_wandb_and_log_level(tmp_path, monkeypatch, capsys, level, printed):
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: the import fails
     out = tmp_path / "out"
