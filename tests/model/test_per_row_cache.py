@@ -15,11 +15,6 @@ from aria_jax.runtime import Runtime
 TINY = AriaConfig.preset("tiny")
 
 
-def compiled_apply(module):
-    """The module's forward as one compiled program per input shape (op-by-op dispatch costs minutes here)."""
-    return jax.jit(functools.partial(module.apply, last_only=True))
-
-
 def run_row(model, ids, cache_len, kv_int8, steps, apply):
     """One row alone: its prompt at slot 0, then ``steps`` greedy tokens, each at the next slot. Returns the
     logits of every step."""
@@ -49,7 +44,7 @@ def test_rows_at_their_own_slots_match_each_row_alone(layout, kv_int8):
     rng = np.random.default_rng(0)
     lengths, steps, cache_len = (5, 9), 3, 16
     prompts = [rng.integers(3, vocab, (1, n)) for n in lengths]
-    apply = compiled_apply(m)
+    apply = jax.jit(functools.partial(m.apply, last_only=True))  # one compiled program per input shape
     alone = [run_row(model, p, cache_len, kv_int8, steps, apply) for p in prompts]
     # the pool: each row's prefilled cache copied into its row, then decode steps with one index per row
     pool = jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=-4),  # the batch axis of (..., B, kv, *, *)
